@@ -1,0 +1,6 @@
+"""Mask²DiT (CVPR 2025) multi-scene long video generation for Hugging Face diffusers."""
+
+from .layout import MASK_VARIANTS, SceneLayout, build_dense_mask
+from .attention import scene_attention
+
+__version__ = "0.1.0"

@@ -1,0 +1,197 @@
+"""Scene layout and Mask²DiT attention-mask rules.
+
+Pure functions and a small frozen dataclass: no torch modules here. The sequence of one sample is
+``[text_1 .. text_n ; video_1 .. video_n]`` (paper Fig. 1): every scene's text tokens first, then every
+scene's video tokens, each scene a contiguous run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+TEXT = "text"
+VIDEO = "video"
+
+# How a query segment of one kind may see key segments of another kind.
+SAME_SCENE = "same_scene"  # only the key segment of the query's own scene
+ALL_SCENES = "all_scenes"  # the key segments of every scene
+
+# (query kind, key kind) -> rule, per mask variant (METHOD.md, paper Fig. 2 / Table 2).
+# The paper's v4 is not pinned down by any public source, so it is deliberately absent.
+MASK_RULES: Dict[str, Dict[Tuple[str, str], str]] = {
+    "v1": {
+        (TEXT, TEXT): SAME_SCENE,
+        (TEXT, VIDEO): SAME_SCENE,
+        (VIDEO, TEXT): SAME_SCENE,
+        (VIDEO, VIDEO): SAME_SCENE,
+    },
+    "v2": {
+        (TEXT, TEXT): SAME_SCENE,
+        (TEXT, VIDEO): SAME_SCENE,
+        (VIDEO, TEXT): SAME_SCENE,
+        (VIDEO, VIDEO): ALL_SCENES,
+    },
+    "v3": {
+        (TEXT, TEXT): ALL_SCENES,
+        (TEXT, VIDEO): SAME_SCENE,
+        (VIDEO, TEXT): SAME_SCENE,
+        (VIDEO, VIDEO): ALL_SCENES,
+    },
+    "full": {
+        (TEXT, TEXT): ALL_SCENES,
+        (TEXT, VIDEO): ALL_SCENES,
+        (VIDEO, TEXT): ALL_SCENES,
+        (VIDEO, VIDEO): ALL_SCENES,
+    },
+}
+MASK_VARIANTS: Tuple[str, ...] = tuple(MASK_RULES)
+DEFAULT_MASK_VARIANT = "v2"
+
+# The authors' config key `attn_msk_version` numbers the variants; their "v5" is no mask at all.
+_AUTHOR_VERSION_TO_VARIANT = {1: "v1", 2: "v2", 3: "v3", 5: "full"}
+
+
+def check_mask_variant(variant: object, name: str = "mask") -> str:
+    """Return ``variant`` normalised to one of :data:`MASK_VARIANTS`, or raise a ValueError naming ``name``.
+
+    Accepts ``"v1"``, ``"v2"``, ``"v3"``, ``"full"`` and the authors' numbering (``1``, ``2``, ``3``, ``5``,
+    ``"v5"``; v5 means no mask).
+    """
+    if isinstance(variant, str):
+        key = variant.strip().lower()
+        if key in MASK_RULES:
+            return key
+        if key.startswith("v") and key[1:].isdigit():
+            variant = int(key[1:])
+        elif key.isdigit():
+            variant = int(key)
+    if isinstance(variant, int) and not isinstance(variant, bool) and variant in _AUTHOR_VERSION_TO_VARIANT:
+        return _AUTHOR_VERSION_TO_VARIANT[variant]
+    raise ValueError(
+        f"`{name}` must be one of {list(MASK_VARIANTS)} (or the authors' numbers 1, 2, 3, 5), got {variant!r}. "
+        "The paper's v4 is not specified publicly and is not implemented."
+    )
+
+
+def _check_lengths(values: Sequence[int], name: str) -> Tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if len(values) == 0:
+        raise ValueError(f"`{name}` must list at least one scene, got an empty sequence.")
+    bad = [v for v in values if v <= 0]
+    if bad:
+        raise ValueError(f"`{name}` must be positive token counts (empty scenes are not allowed), got {list(values)}.")
+    return values
+
+
+@dataclass(frozen=True)
+class SceneLayout:
+    """Token counts per scene of one multi-scene sequence ``[text_1..text_n ; video_1..video_n]``.
+
+    Args:
+        text_lengths: text tokens of each scene (226 per prompt in CogVideoX).
+        video_lengths: video tokens of each scene (latent frames × patches per frame); scenes may differ.
+    """
+
+    text_lengths: Tuple[int, ...]
+    video_lengths: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        text = _check_lengths(self.text_lengths, "text_lengths")
+        video = _check_lengths(self.video_lengths, "video_lengths")
+        if len(text) != len(video):
+            raise ValueError(
+                f"`text_lengths` and `video_lengths` must have one entry per scene; got {len(text)} text and "
+                f"{len(video)} video segments."
+            )
+        object.__setattr__(self, "text_lengths", text)
+        object.__setattr__(self, "video_lengths", video)
+
+    @classmethod
+    def uniform(cls, num_scenes: int, text_length: int, video_length: int) -> "SceneLayout":
+        """``num_scenes`` scenes with the same text and video token counts."""
+        return cls((text_length,) * num_scenes, (video_length,) * num_scenes)
+
+    @property
+    def num_scenes(self) -> int:
+        return len(self.text_lengths)
+
+    @property
+    def text_total(self) -> int:
+        return sum(self.text_lengths)
+
+    @property
+    def video_total(self) -> int:
+        return sum(self.video_lengths)
+
+    @property
+    def total(self) -> int:
+        return self.text_total + self.video_total
+
+    def segments(self, kind: str) -> List[Tuple[int, int]]:
+        """``(start, end)`` of each scene's segment of ``kind`` ("text" or "video"), in sequence positions."""
+        lengths = self.text_lengths if kind == TEXT else self.video_lengths
+        start = 0 if kind == TEXT else self.text_total
+        bounds = []
+        for length in lengths:
+            bounds.append((start, start + length))
+            start += length
+        return bounds
+
+    def region(self, kind: str) -> Tuple[int, int]:
+        """``(start, end)`` of all tokens of ``kind`` in the sequence."""
+        return (0, self.text_total) if kind == TEXT else (self.text_total, self.total)
+
+    def check_sequence_length(self, length: int, name: str = "sequence") -> None:
+        if length != self.total:
+            raise ValueError(
+                f"The {name} has {length} tokens but the scene layout adds up to {self.total} "
+                f"(text {list(self.text_lengths)} + video {list(self.video_lengths)})."
+            )
+
+
+def allowed(variant: str, query_kind: str, query_scene: int, key_kind: str, key_scene: int) -> bool:
+    """Whether a query token of ``(query_kind, query_scene)`` may attend to a key of ``(key_kind, key_scene)``."""
+    rule = MASK_RULES[check_mask_variant(variant)][(query_kind, key_kind)]
+    return rule == ALL_SCENES or query_scene == key_scene
+
+
+def build_dense_mask(layout: SceneLayout, variant: str = DEFAULT_MASK_VARIANT) -> torch.Tensor:
+    """The reference mask: bool ``(L, L)``, True where query row may attend to key column.
+
+    Materialises L×L booleans, so it is meant for tests and the ``"dense"`` backend only.
+    """
+    variant = check_mask_variant(variant)
+    mask = torch.zeros(layout.total, layout.total, dtype=torch.bool)
+    for query_kind in (TEXT, VIDEO):
+        for qi, (q0, q1) in enumerate(layout.segments(query_kind)):
+            for key_kind in (TEXT, VIDEO):
+                for ki, (k0, k1) in enumerate(layout.segments(key_kind)):
+                    if allowed(variant, query_kind, qi, key_kind, ki):
+                        mask[q0:q1, k0:k1] = True
+    return mask
+
+
+def attention_blocks(layout: SceneLayout, variant: str) -> List[Tuple[str, str, str]]:
+    """The ``(query_kind, key_kind, rule)`` blocks whose union is the variant's mask.
+
+    Each block is either one attention over two whole regions (``ALL_SCENES``) or one attention per
+    scene between the scene's segments (``SAME_SCENE``): together they cover exactly the allowed pairs.
+    """
+    rules = MASK_RULES[check_mask_variant(variant)]
+    return [(q, k, rules[(q, k)]) for q in (TEXT, VIDEO) for k in (TEXT, VIDEO)]
+
+
+def allowed_pair_fraction(layout: SceneLayout, variant: str) -> float:
+    """Fraction of the L×L query-key pairs the variant keeps (v2 keeps ~98% at paper scale)."""
+    count = 0
+    lengths = {TEXT: layout.text_lengths, VIDEO: layout.video_lengths}
+    totals = {TEXT: layout.text_total, VIDEO: layout.video_total}
+    for q_kind, k_kind, rule in attention_blocks(layout, variant):
+        if rule == ALL_SCENES:
+            count += totals[q_kind] * totals[k_kind]
+        else:
+            count += sum(a * b for a, b in zip(lengths[q_kind], lengths[k_kind]))
+    return count / float(layout.total**2)

@@ -1,0 +1,122 @@
+"""Reading and writing videos: mp4 through imageio-ffmpeg, contact sheets as PNG.
+
+Frames are ``uint8`` arrays ``(F, H, W, 3)`` unless a function says otherwise. Files are written to a
+temporary name in the target folder and renamed, so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import List, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+FrameLike = Union[np.ndarray, "Image.Image", "torch.Tensor"]  # noqa: F821
+
+
+class VideoReadError(ValueError):
+    """A video file is missing, unreadable or has no frames."""
+
+
+def to_uint8_frames(frames: Union[Sequence[FrameLike], np.ndarray]) -> np.ndarray:
+    """Frames as ``uint8 (F, H, W, 3)``.
+
+    Accepts a list of PIL images, a float array in [0, 1] or a uint8 array ``(F, H, W, 3)``, or a torch
+    tensor ``(F, 3, H, W)`` / ``(F, H, W, 3)`` in [0, 1].
+    """
+    if hasattr(frames, "detach"):  # torch tensor
+        frames = frames.detach().float().cpu().numpy()
+        if frames.ndim == 4 and frames.shape[1] in (1, 3) and frames.shape[-1] not in (1, 3):
+            frames = frames.transpose(0, 2, 3, 1)
+    if isinstance(frames, np.ndarray):
+        array = frames
+    else:
+        array = np.stack([np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f) for f in frames])
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"`frames` must be (F, H, W, 3); got an array of shape {array.shape}.")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array
+
+
+def _atomic_target(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(handle)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for people to open
+    return tmp
+
+
+def write_video(frames: Union[Sequence[FrameLike], np.ndarray], path: str, fps: int = 8) -> str:
+    """Write frames as an H.264 mp4 (imageio-ffmpeg). Returns ``path``."""
+    import imageio.v2 as imageio
+
+    array = to_uint8_frames(frames)
+    # H.264 with yuv420p needs even sizes; pad by one pixel rather than resample.
+    pad_h, pad_w = array.shape[1] % 2, array.shape[2] % 2
+    if pad_h or pad_w:
+        array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    tmp = _atomic_target(path)
+    try:
+        writer = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
+        for frame in array:
+            writer.append_data(frame)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_video(path: str) -> np.ndarray:
+    """All frames of a video file as ``uint8 (F, H, W, 3)``; raises :class:`VideoReadError` on bad files."""
+    import imageio.v2 as imageio
+
+    if not os.path.isfile(path):
+        raise VideoReadError(f"Video file not found: {path}")
+    try:
+        reader = imageio.get_reader(path, format="FFMPEG")
+        try:
+            frames = [np.asarray(frame) for frame in reader]
+        finally:
+            reader.close()
+    except Exception as error:  # imageio raises several types for corrupt files
+        raise VideoReadError(f"Could not decode video {path}: {error}") from error
+    if not frames:
+        raise VideoReadError(f"Video {path} has no frames.")
+    return to_uint8_frames(np.stack(frames))
+
+
+def contact_sheet(
+    scenes: Sequence[Union[Sequence[FrameLike], np.ndarray]],
+    path: str,
+    frames_per_row: int = 8,
+    thumb_height: int = 96,
+) -> str:
+    """Write a PNG grid: one row per scene, ``frames_per_row`` frames spread evenly across each scene."""
+    rows: List[np.ndarray] = []
+    for scene in scenes:
+        array = to_uint8_frames(scene)
+        picks = np.linspace(0, len(array) - 1, num=min(frames_per_row, len(array))).round().astype(int)
+        height, width = array.shape[1:3]
+        thumb_width = max(1, round(width * thumb_height / height))
+        thumbs = [np.asarray(Image.fromarray(array[i]).resize((thumb_width, thumb_height), Image.BILINEAR)) for i in picks]
+        row = np.concatenate(thumbs, axis=1)
+        rows.append(row)
+    sheet_width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, sheet_width - r.shape[1]), (0, 0))) for r in rows]
+    sheet = np.concatenate(rows, axis=0)
+    tmp = _atomic_target(path)
+    try:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
