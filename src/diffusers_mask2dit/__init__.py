@@ -4,3 +4,4 @@ from .layout import MASK_VARIANTS, SceneLayout, build_dense_mask
 from .attention import scene_attention
 
 __version__ = "0.1.0"
+from .transformer import Mask2DiTAttnProcessor, Mask2DiTTransformer3DModel
