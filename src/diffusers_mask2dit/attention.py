@@ -146,82 +146,75 @@ def _call_with_supported_kwargs(fn: Callable, *args, **kwargs):
     return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
-class _VarlenKernel:
-    """Grouped attention over packed ``(T, H, D)`` sequences (flash-attn package, else PyTorch's own)."""
+def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """One varlen FlashAttention call on packed ``(T, H, D)`` tensors -> (out, lse, aux)."""
+    fa = _flash_attn_package()
+    if fa is not None:
+        res = _call_with_supported_kwargs(
+            fa._flash_attn_varlen_forward, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale,
+            causal=False, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
+            alibi_slopes=None, return_softmax=False,
+        )
+        return res[0], res[1], res[-1]
+    res = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale)
+    return res[0], res[1], (res[2], res[3])
 
-    name = "varlen"
 
-    @staticmethod
-    def _pack(x, start, end):
-        # (B, H, L, D) slice -> (B * (end - start), H, D)
-        part = x[:, :, start:end].transpose(1, 2)
-        return part.reshape(-1, x.shape[1], x.shape[3])
-
-    @staticmethod
-    def _cu_seqlens(lengths: Sequence[int], batch: int, device) -> Tuple[torch.Tensor, int]:
-        seq = list(lengths) * batch
-        cu = torch.tensor([0] + seq, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return cu, max(seq)
-
-    @classmethod
-    def run_groups_forward(cls, q, k, v, q_region, k_region, groups, scale):
-        batch, heads, _, dim = q.shape
-        q_packed = cls._pack(q, *q_region)
-        k_packed = cls._pack(k, *k_region)
-        v_packed = cls._pack(v, *k_region)
-        cu_q, max_q = cls._cu_seqlens([g[1] - g[0] for g in groups], batch, q.device)
-        cu_k, max_k = cls._cu_seqlens([g[3] - g[2] for g in groups], batch, q.device)
-        fa = _flash_attn_package()
-        if fa is not None:
-            res = _call_with_supported_kwargs(
-                fa._flash_attn_varlen_forward, q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k,
-                dropout_p=0.0, softmax_scale=scale, causal=False, window_size=(-1, -1), window_size_left=-1,
-                window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
-            )
-            out, lse, aux = res[0], res[1], res[-1]
-        else:
-            res = torch.ops.aten._flash_attention_forward(
-                q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, 0.0, False, False, scale=scale
-            )
-            out, lse, aux = res[0], res[1], (res[2], res[3])
-        length = q_region[1] - q_region[0]
-        out = out.view(batch, length, heads, dim).transpose(1, 2)
-        lse = cls._lse_to_bhl(lse, batch, heads, length)
-        meta = (q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, aux)
-        return out, lse, meta
-
-    @staticmethod
-    def _lse_to_bhl(lse, batch, heads, length):
-        # FlashAttention-2 varlen returns (H, T); some builds return (T, H).
-        if lse.shape[0] == heads and lse.shape[-1] >= batch * length:
-            lse = lse[:, : batch * length].reshape(heads, batch, length).permute(1, 0, 2)
-        else:
-            lse = lse.reshape(batch, length, heads).permute(0, 2, 1)
-        return lse.float()
-
-    @classmethod
-    def run_groups_backward(cls, grad_out, out, lse, q_region, meta, scale):
-        q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, aux = meta
-        batch, heads, length, dim = out.shape
-        do_packed = cls._pack(grad_out, 0, length).contiguous()
-        out_packed = cls._pack(out, 0, length).contiguous()
-        lse_packed = lse.permute(1, 0, 2).reshape(heads, batch * length).contiguous()
-        fa = _flash_attn_package()
-        if fa is not None:
-            dq, dk, dv = torch.empty_like(q_packed), torch.empty_like(k_packed), torch.empty_like(v_packed)
-            _call_with_supported_kwargs(
-                fa._flash_attn_varlen_backward, do_packed, q_packed, k_packed, v_packed, out_packed, lse_packed,
-                dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=False,
-                window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                deterministic=False, rng_state=aux,
-            )
-        else:
-            seed, offset = aux
-            dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                do_packed, q_packed, k_packed, v_packed, out_packed, lse_packed, cu_q, cu_k, max_q, max_k,
-                0.0, False, seed, offset, scale=scale,
-            )[:3]
+def _varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, aux):
+    """Gradients of one varlen call, given the (merged) output and LSE of its rows."""
+    fa = _flash_attn_package()
+    if fa is not None:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _call_with_supported_kwargs(
+            fa._flash_attn_varlen_backward, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
+            dropout_p=0.0, softmax_scale=scale, causal=False, window_size=(-1, -1), window_size_left=-1,
+            window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=aux,
+        )
         return dq, dk, dv
+    seed, offset = aux
+    grads = torch.ops.aten._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, False, seed, offset, scale=scale
+    )
+    return grads[0], grads[1], grads[2]
+
+
+class _VarlenKernel:
+    """All groups of a block in one varlen FlashAttention call: batch items and scenes packed as sequences.
+
+    Regions are packed ``(B, H, L, D) -> (B * L, H, D)`` once per call (one copy of q, k, v in all).
+    """
+
+    @staticmethod
+    def pack_regions(x: torch.Tensor, layout_regions: Dict[str, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+        return {
+            kind: x[:, :, start:end].transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+            for kind, (start, end) in layout_regions.items()
+        }
+
+    @staticmethod
+    def unpack(x: torch.Tensor, batch: int) -> torch.Tensor:
+        # (B * L, H, D) -> (B, H, L, D)
+        return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    @staticmethod
+    def cu_seqlens(groups: List[Group], batch: int, side: int, device) -> Tuple[torch.Tensor, int]:
+        lengths = [g[2 * side + 1] - g[2 * side] for g in groups] * batch
+        cu = torch.tensor([0] + lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cu, max(lengths)
+
+    @staticmethod
+    def lse_to_bhl(lse: torch.Tensor, batch: int, heads: int) -> Tuple[torch.Tensor, bool]:
+        """LSE as (B, H, L) fp32, and whether the kernel gave it heads-first ((H, T), FlashAttention-2)."""
+        heads_first = lse.dim() == 2 and lse.shape[0] == heads and lse.shape[1] % batch == 0 and lse.shape[1] != heads
+        if heads_first:
+            return lse.reshape(heads, batch, -1).permute(1, 0, 2).float(), True
+        return lse.reshape(batch, -1, heads).permute(0, 2, 1).float(), False
+
+    @staticmethod
+    def lse_from_bhl(lse: torch.Tensor, heads_first: bool) -> torch.Tensor:
+        if heads_first:
+            return lse.permute(1, 0, 2).reshape(lse.shape[1], -1).contiguous()
+        return lse.permute(0, 2, 1).reshape(-1, lse.shape[1]).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,16 +222,29 @@ class _VarlenKernel:
 # --------------------------------------------------------------------------------------------------
 
 
-def _plan(layout: SceneLayout, variant: str) -> Dict[str, List[Tuple[Tuple[int, int], List[Group]]]]:
-    """For each query kind: its key blocks as ``(key_region, groups)``."""
-    plan: Dict[str, List[Tuple[Tuple[int, int], List[Group]]]] = {TEXT: [], VIDEO: []}
+Plan = Dict[str, List[Tuple[str, List[Group]]]]
+
+
+def _plan(layout: SceneLayout, variant: str) -> Plan:
+    """For each query kind: its key blocks as ``(key_kind, groups)``; the groups of a block tile the
+    query kind's region in order, and (per batch item) the key kind's region too."""
+    plan: Plan = {TEXT: [], VIDEO: []}
     for q_kind, k_kind, rule in attention_blocks(layout, variant):
         if rule == ALL_SCENES:
             groups = [(*layout.region(q_kind), *layout.region(k_kind))]
         else:
             groups = [(*qs, *ks) for qs, ks in zip(layout.segments(q_kind), layout.segments(k_kind))]
-        plan[q_kind].append((layout.region(k_kind), groups))
+        plan[q_kind].append((k_kind, groups))
     return plan
+
+
+def _regions(plan: Plan) -> Dict[str, Tuple[int, int]]:
+    """``(start, end)`` of the text and video regions, read off the plan's groups."""
+    regions = {}
+    for q_kind, blocks in plan.items():
+        groups = blocks[0][1]
+        regions[q_kind] = (groups[0][0], groups[-1][1])
+    return regions
 
 
 def _merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -249,66 +255,90 @@ def _merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor
 
 
 class _GroupedSceneAttention(torch.autograd.Function):
+    """Runs a plan of blocks, merges each query region's blocks through their LSEs; exact backward."""
+
     @staticmethod
     def forward(ctx, query, key, value, plan, backend, scale):
+        batch, heads = query.shape[:2]
         out = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
-        saved_meta: Dict[Any, Any] = {}
+        regions = _regions(plan)
+        if backend == "flash":
+            packed_q = _VarlenKernel.pack_regions(query, regions)
+            packed_k = _VarlenKernel.pack_regions(key, regions)
+            packed_v = _VarlenKernel.pack_regions(value, regions)
+        saved_aux: Dict[Any, Any] = {}
         for q_kind, blocks in plan.items():
+            q0, q1 = regions[q_kind]
             parts = []
-            for block_index, (k_region, groups) in enumerate(blocks):
-                q_region = (groups[0][0], groups[-1][1])
+            for block_index, (k_kind, groups) in enumerate(blocks):
                 if backend == "flash":
-                    o, l, meta = _VarlenKernel.run_groups_forward(query, key, value, q_region, k_region, groups, scale)
-                    saved_meta[(q_kind, block_index)] = meta
-                else:
-                    kernel = _kernel_for(query, backend)
-                    outs, lses = [], []
-                    for gi, (q0, q1, k0, k1) in enumerate(groups):
-                        o_g, l_g, aux = kernel.forward(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], scale)
-                        outs.append(o_g)
-                        lses.append(l_g)
-                        saved_meta[(q_kind, block_index, gi)] = aux
-                    o, l = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-                parts.append((o, l))
+                    cu_q, max_q = _VarlenKernel.cu_seqlens(groups, batch, 0, query.device)
+                    cu_k, max_k = _VarlenKernel.cu_seqlens(groups, batch, 1, query.device)
+                    o, l, aux = _varlen_forward(
+                        packed_q[q_kind], packed_k[k_kind], packed_v[k_kind], cu_q, cu_k, max_q, max_k, scale
+                    )
+                    l, heads_first = _VarlenKernel.lse_to_bhl(l, batch, heads)
+                    saved_aux[(q_kind, block_index)] = (cu_q, cu_k, max_q, max_k, aux, heads_first)
+                    parts.append((_VarlenKernel.unpack(o, batch), l))
+                    continue
+                kernel = _kernel_for(query, backend)
+                outs, lses = [], []
+                for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
+                    o_g, l_g, aux = kernel.forward(
+                        query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1], value[:, :, g_k0:g_k1], scale
+                    )
+                    outs.append(o_g)
+                    lses.append(l_g)
+                    saved_aux[(q_kind, block_index, group_index)] = aux
+                parts.append((torch.cat(outs, dim=2), torch.cat(lses, dim=2)))
             merged_out, merged_lse = _merge(parts)
-            out[:, :, q_region[0] : q_region[1]] = merged_out.to(out.dtype)
-            lse[:, :, q_region[0] : q_region[1]] = merged_lse
+            out[:, :, q0:q1] = merged_out.to(out.dtype)
+            lse[:, :, q0:q1] = merged_lse
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.plan, ctx.backend, ctx.scale, ctx.meta = plan, backend, scale, saved_meta
+        ctx.plan, ctx.backend, ctx.scale, ctx.aux = plan, backend, scale, saved_aux
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
+        batch, heads = query.shape[:2]
         grad_q = torch.zeros_like(query, dtype=torch.float32)
         grad_k = torch.zeros_like(key, dtype=torch.float32)
         grad_v = torch.zeros_like(value, dtype=torch.float32)
         grad_out = grad_out.to(query.dtype)
+        regions = _regions(ctx.plan)
+        if ctx.backend == "flash":
+            packed_q = _VarlenKernel.pack_regions(query, regions)
+            packed_k = _VarlenKernel.pack_regions(key, regions)
+            packed_v = _VarlenKernel.pack_regions(value, regions)
+            packed_do = _VarlenKernel.pack_regions(grad_out, regions)
+            packed_out = _VarlenKernel.pack_regions(out, regions)
         for q_kind, blocks in ctx.plan.items():
-            for block_index, (k_region, groups) in enumerate(blocks):
-                q_region = (groups[0][0], groups[-1][1])
+            q0, q1 = regions[q_kind]
+            for block_index, (k_kind, groups) in enumerate(blocks):
                 if ctx.backend == "flash":
-                    q0, q1 = q_region
-                    dq, dk, dv = _VarlenKernel.run_groups_backward(
-                        grad_out[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1], q_region,
-                        ctx.meta[(q_kind, block_index)], ctx.scale,
+                    cu_q, cu_k, max_q, max_k, aux, heads_first = ctx.aux[(q_kind, block_index)]
+                    dq, dk, dv = _varlen_backward(
+                        packed_do[q_kind], packed_q[q_kind], packed_k[k_kind], packed_v[k_kind], packed_out[q_kind],
+                        _VarlenKernel.lse_from_bhl(lse[:, :, q0:q1], heads_first), cu_q, cu_k, max_q, max_k,
+                        ctx.scale, aux,
                     )
-                    b, h, _, d = query.shape
-                    grad_q[:, :, q0:q1] += dq.view(b, q1 - q0, h, d).transpose(1, 2)
-                    k0, k1 = k_region
-                    grad_k[:, :, k0:k1] += dk.view(b, k1 - k0, h, d).transpose(1, 2)
-                    grad_v[:, :, k0:k1] += dv.view(b, k1 - k0, h, d).transpose(1, 2)
+                    k0, k1 = regions[k_kind]
+                    grad_q[:, :, q0:q1] += _VarlenKernel.unpack(dq, batch)
+                    grad_k[:, :, k0:k1] += _VarlenKernel.unpack(dk, batch)
+                    grad_v[:, :, k0:k1] += _VarlenKernel.unpack(dv, batch)
                     continue
                 kernel = _kernel_for(query, ctx.backend)
-                for gi, (q0, q1, k0, k1) in enumerate(groups):
+                for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
                     dq, dk, dv = kernel.backward(
-                        grad_out[:, :, q0:q1], query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1],
-                        out[:, :, q0:q1], lse[:, :, q0:q1].contiguous(), ctx.scale, ctx.meta[(q_kind, block_index, gi)],
+                        grad_out[:, :, g_q0:g_q1], query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1],
+                        value[:, :, g_k0:g_k1], out[:, :, g_q0:g_q1], lse[:, :, g_q0:g_q1].contiguous(), ctx.scale,
+                        ctx.aux[(q_kind, block_index, group_index)],
                     )
-                    grad_q[:, :, q0:q1] += dq
-                    grad_k[:, :, k0:k1] += dk
-                    grad_v[:, :, k0:k1] += dv
+                    grad_q[:, :, g_q0:g_q1] += dq
+                    grad_k[:, :, g_k0:g_k1] += dk
+                    grad_v[:, :, g_k0:g_k1] += dv
         return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), None, None, None
 
 
