@@ -5,3 +5,4 @@ from .attention import scene_attention
 
 __version__ = "0.1.0"
 from .transformer import Mask2DiTAttnProcessor, Mask2DiTTransformer3DModel
+from .pipeline import Mask2DiTPipeline, Mask2DiTPipelineOutput
