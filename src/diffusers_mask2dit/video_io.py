@@ -98,6 +98,7 @@ def contact_sheet(
     path: str,
     frames_per_row: int = 8,
     thumb_height: int = 96,
+    margin: int = 2,
 ) -> str:
     """Write a PNG grid: one row per scene, ``frames_per_row`` frames spread evenly across each scene."""
     rows: List[np.ndarray] = []
@@ -107,10 +108,11 @@ def contact_sheet(
         height, width = array.shape[1:3]
         thumb_width = max(1, round(width * thumb_height / height))
         thumbs = [np.asarray(Image.fromarray(array[i]).resize((thumb_width, thumb_height), Image.BILINEAR)) for i in picks]
-        row = np.concatenate(thumbs, axis=1)
-        rows.append(row)
+        # A white margin around every thumbnail keeps frames and scene rows apart.
+        thumbs = [np.pad(t, ((margin, margin), (margin, margin), (0, 0)), constant_values=255) for t in thumbs]
+        rows.append(np.concatenate(thumbs, axis=1))
     sheet_width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, sheet_width - r.shape[1]), (0, 0))) for r in rows]
+    rows = [np.pad(r, ((0, 0), (0, sheet_width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     sheet = np.concatenate(rows, axis=0)
     tmp = _atomic_target(path)
     try:
