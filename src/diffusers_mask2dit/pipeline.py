@@ -193,10 +193,9 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         transformer: CogVideoXTransformer3DModel,
         scheduler: SchedulerMixin,
     ):
-        # A transformer saved by this pipeline comes back as a plain CogVideoX one whose config still holds
-        # `attn_mask_variant`; keep that variant when converting.
-        variant = transformer.config.get("attn_mask_variant") if hasattr(transformer, "config") else None
-        transformer = Mask2DiTTransformer3DModel.from_cogvideox(transformer, mask_variant=variant)
+        # A transformer saved by this pipeline comes back as a plain CogVideoX one; its config still holds
+        # `attn_mask_variant`, which the conversion keeps.
+        transformer = Mask2DiTTransformer3DModel.from_cogvideox(transformer)
         super().__init__(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )

@@ -276,7 +276,8 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
                 transformer.register_to_config(attn_mask_variant=check_mask_variant(mask_variant, "mask_variant"))
             return transformer
         transformer.__class__ = cls
-        variant = mask_variant or getattr(transformer.config, "attn_msk_version", None) or DEFAULT_MASK_VARIANT
+        config = transformer.config
+        variant = mask_variant or config.get("attn_msk_version") or config.get("attn_mask_variant") or DEFAULT_MASK_VARIANT
         transformer._init_mask2dit(variant)
         return transformer
 
