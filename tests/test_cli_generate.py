@@ -31,7 +31,7 @@ def assert_outputs(folder, prompts, frames_per_scene=9, size=64):
     for name in scene_names:
         assert read_video(os.path.join(folder, name)).shape == (frames_per_scene, size, size, 3)
     assert read_video(os.path.join(folder, "video.mp4")).shape[0] == frames_per_scene * len(prompts)
-    assert Image.open(os.path.join(folder, "contact_sheet.png")).size[1] == 96 * len(prompts)  # one row per scene
+    assert Image.open(os.path.join(folder, "contact_sheet.png")).size[1] == (96 + 2 * 2) * len(prompts)  # one row per scene, 2-px margins
 
 
 def test_commands_are_registered():

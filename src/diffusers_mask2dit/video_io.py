@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -18,6 +18,10 @@ FrameLike = Union[np.ndarray, "Image.Image", "torch.Tensor"]  # noqa: F821
 
 class VideoReadError(ValueError):
     """A video file is missing, unreadable or has no frames."""
+
+
+class VideoTooShortError(VideoReadError):
+    """A video has fewer frames than were asked for."""
 
 
 def to_uint8_frames(frames: Union[Sequence[FrameLike], np.ndarray]) -> np.ndarray:
@@ -74,23 +78,64 @@ def write_video(frames: Union[Sequence[FrameLike], np.ndarray], path: str, fps: 
     return path
 
 
-def read_video(path: str) -> np.ndarray:
-    """All frames of a video file as ``uint8 (F, H, W, 3)``; raises :class:`VideoReadError` on bad files."""
-    import imageio.v2 as imageio
+def count_frames(path: str) -> int:
+    """Exact number of decodable frames of a video (decodes it once, without copying pixels)."""
+    import imageio_ffmpeg
 
     if not os.path.isfile(path):
         raise VideoReadError(f"Video file not found: {path}")
     try:
-        reader = imageio.get_reader(path, format="FFMPEG")
-        try:
-            frames = [np.asarray(frame) for frame in reader]
-        finally:
-            reader.close()
-    except Exception as error:  # imageio raises several types for corrupt files
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
+    except Exception as error:  # ffmpeg reports corrupt files with several exception types
         raise VideoReadError(f"Could not decode video {path}: {error}") from error
-    if not frames:
+    if frames <= 0:
         raise VideoReadError(f"Video {path} has no frames.")
-    return to_uint8_frames(np.stack(frames))
+    return int(frames)
+
+
+def read_video(path: str, pick: Optional[Callable[[int], Sequence[int]]] = None) -> np.ndarray:
+    """Frames of a video file as ``uint8 (F, H, W, 3)``: all of them, or those ``pick(total_frames)`` names.
+
+    Frames are streamed, so only the picked ones are held in memory (a long 720p clip stays cheap).
+
+    Raises:
+        VideoReadError: missing or undecodable file, or no frames.
+        VideoTooShortError: fewer frames than ``pick`` asks for (``pick`` may raise it too).
+    """
+    import imageio_ffmpeg
+
+    if not os.path.isfile(path):
+        raise VideoReadError(f"Video file not found: {path}")
+    indices = None
+    if pick is not None:
+        try:
+            indices = np.asarray(pick(count_frames(path)), dtype=np.int64)
+        except VideoTooShortError as error:
+            raise VideoTooShortError(f"Video {path} {error}") from None
+    wanted = None if indices is None else set(int(i) for i in indices)
+    last = None if indices is None else int(indices.max())
+    kept: Dict[int, np.ndarray] = {}
+    try:
+        stream = imageio_ffmpeg.read_frames(path)
+        meta = next(stream)
+        width, height = meta["size"]
+        try:
+            for index, raw in enumerate(stream):
+                if wanted is None or index in wanted:
+                    kept[index] = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy()
+                if last is not None and index >= last:
+                    break
+        finally:
+            stream.close()
+    except Exception as error:  # ffmpeg reports corrupt files with several exception types
+        raise VideoReadError(f"Could not decode video {path}: {error}") from error
+    if not kept:
+        raise VideoReadError(f"Video {path} has no frames.")
+    if indices is None:
+        return np.stack([kept[i] for i in sorted(kept)])
+    if len(kept) < len(wanted):
+        raise VideoTooShortError(f"Video {path} ended before frame {last}")
+    return np.stack([kept[int(i)] for i in indices])
 
 
 def contact_sheet(

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..video_io import VideoReadError
+from ..video_io import VideoReadError, read_video
+from ..video_io import VideoTooShortError as TooShortError
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ PRETRAIN_SPAN = (0.05, 0.95)
 # A bad sample is replaced by the next one; give up (with a clear error) after this many in a row.
 MAX_CONSECUTIVE_SKIPS = 64
 
-
-class TooShortError(VideoReadError):
-    """A video has fewer frames than a scene needs."""
 
 
 @dataclass(frozen=True)
@@ -297,57 +295,6 @@ def frame_indices(total_frames: int, num_frames: int, stage: str, rng: np.random
     return start + stride * np.arange(num_frames, dtype=np.int64)
 
 
-def count_frames(path: str) -> int:
-    """Exact number of decodable frames of a video (decodes it once, without copying pixels)."""
-    import imageio_ffmpeg
-
-    if not os.path.isfile(path):
-        raise VideoReadError(f"Video file not found: {path}")
-    try:
-        frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
-    except Exception as error:  # ffmpeg reports corrupt files with several exception types
-        raise VideoReadError(f"Could not decode video {path}: {error}") from error
-    if frames <= 0:
-        raise VideoReadError(f"Video {path} has no frames.")
-    return int(frames)
-
-
-def read_frames(path: str, pick: Callable[[int], np.ndarray]) -> np.ndarray:
-    """The frames ``pick(total_frames)`` of a video as ``uint8 (F, H, W, 3)``, keeping only those in memory.
-
-    Raises:
-        VideoReadError: missing or undecodable file, or fewer frames than picked.
-    """
-    import imageio_ffmpeg
-
-    try:
-        indices = np.asarray(pick(count_frames(path)), dtype=np.int64)
-    except TooShortError as error:
-        raise TooShortError(f"Video {path} {error}") from None
-    wanted = {int(i): [] for i in indices}
-    last = int(indices.max())
-    kept: Dict[int, np.ndarray] = {}
-    try:
-        stream = imageio_ffmpeg.read_frames(path)
-        meta = next(stream)
-        width, height = meta["size"]
-        try:
-            for index, raw in enumerate(stream):
-                if index in wanted:
-                    kept[index] = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy()
-                if index >= last:
-                    break
-        finally:
-            stream.close()
-    except VideoReadError:
-        raise
-    except Exception as error:
-        raise VideoReadError(f"Could not decode video {path}: {error}") from error
-    if len(kept) < len(wanted):
-        raise TooShortError(f"Video {path} ended before frame {last}")
-    return np.stack([kept[int(i)] for i in indices])
-
-
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """``uint8 (F, H, W, 3)`` frames scaled to cover ``height x width``, center-cropped, as ``(F, 3, height, width)`` in [-1, 1]."""
     source_height, source_width = frames.shape[1:3]
@@ -368,7 +315,7 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
 
 def load_clip_pixels(clip: Clip, num_frames: int, height: int, width: int, stage: str, rng: np.random.Generator) -> torch.Tensor:
     """One scene's frames, sampled per :func:`frame_indices`, as ``(num_frames, 3, height, width)`` in [-1, 1]."""
-    frames = read_frames(clip.video, lambda total: frame_indices(total, num_frames, stage, rng))
+    frames = read_video(clip.video, pick=lambda total: frame_indices(total, num_frames, stage, rng))
     return resize_center_crop(frames, height, width)
 
 
