@@ -6,7 +6,7 @@
         --output_dir mask2dit-lora --max_train_steps 10000
 
 Every option can also come from ``--config run.yaml`` (flags win). The options, data formats and the
-two-stage recipe are described in ``examples/README_training.md``; this script is a thin front end to
+two-stage recipe are described in ``docs/training.md``; this script is a thin front end to
 ``diffusers_mask2dit.training``, the same code as ``mask2dit train``.
 """
 

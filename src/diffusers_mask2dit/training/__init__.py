@@ -1,4 +1,4 @@
-"""Mask²DiT training: data, latent cache, loss and the accelerate loop (see ``examples/README_training.md``)."""
+"""Mask²DiT training: data, latent cache, loss and the accelerate loop (see ``docs/training.md``)."""
 
 from .config import TrainingConfig, parse_bool
 from .data import Clip, MultiSceneDataset, frame_indices, load_training_records
