@@ -13,6 +13,7 @@ preparation, VAE decoding, scheduler handling and LoRA loading. What it adds:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -514,7 +515,9 @@ class Mask2DiTPipeline(CogVideoXPipeline):
                     timestep = torch.zeros(model_latents.shape[0], num_scenes, dtype=t.dtype, device=t.device)
                     timestep[:, num_context_scenes:] = t
 
-                with self.transformer.cache_context("cond_uncond"):
+                # diffusers' cache hooks (e.g. FasterCache) key on this context; older diffusers have none.
+                cache_context = getattr(self.transformer, "cache_context", None)
+                with cache_context("cond_uncond") if cache_context else contextlib.nullcontext():
                     noise_pred = self.transformer(
                         hidden_states=model_latents,
                         encoder_hidden_states=text_embeds,
