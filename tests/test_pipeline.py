@@ -43,7 +43,7 @@ def test_init_converts_a_plain_transformer_in_place():
     assert pipe.transformer.config.attn_mask_variant == "v2"
 
 
-@pytest.mark.parametrize("style, dynamic_cfg", [("5b", False), ("5b", True), ("2b", False)])
+@pytest.mark.parametrize("style, dynamic_cfg", [("5b", False), ("5b", True), ("2b", False), ("1.5", False)])
 def test_one_scene_reproduces_cogvideox_pipeline(style, dynamic_cfg):
     kwargs = dict(num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=dynamic_cfg, output_type="np")
     expected = make_pipe(style, cls=CogVideoXPipeline)("a cat walks on the beach", generator=gen(), **kwargs).frames
@@ -154,8 +154,14 @@ def test_callback_on_step_end_sees_and_replaces_latents(pipe):
 
 @pytest.mark.parametrize("style", ["2b", "1.5"])
 def test_multiscene_runs_for_2b_and_15_styles(style):
-    output = make_pipe(style)(PROMPTS, num_frames=[9, 1, 9], num_inference_steps=STEPS, generator=gen(), output_type="np")
+    pipe = make_pipe(style)
+    output = pipe(PROMPTS, num_frames=[9, 1, 9], num_inference_steps=STEPS, generator=gen(), output_type="np")
     assert output.frames.shape == (1, 19, 64, 64, 3) and np.isfinite(output.frames).all()
+    # Extension too; with 1.5 the new scene is drawn with a filler frame that must not leak into the output.
+    first = pipe(PROMPTS[:2], num_inference_steps=STEPS, generator=gen(), output_type="latent").frames
+    extended = pipe.extend("a fish swims", context_prompts=PROMPTS[1:2], context_latents=first[:, 3:],
+                           num_inference_steps=STEPS, generator=gen(1), output_type="latent").frames
+    assert extended.shape == (1, 6, 4, 8, 8) and torch.equal(extended[:, :3], first[:, 3:])
 
 
 # ------------------------------------------------------------------------------------------------
