@@ -200,3 +200,12 @@ def test_flash_path_packing_and_merging_on_cpu(monkeypatch, variant, lse_heads_f
     grad_out = torch.randn_like(out)
     for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(reference, leaves, grad_out.double())):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=0)
+
+
+def test_merge_in_row_chunks_is_exact(monkeypatch):
+    monkeypatch.setattr(attention_module, "_MERGE_CHUNK", 3)  # many chunks, ragged last one
+    layout = LAYOUTS[3]
+    q, k, v = _inputs(layout)
+    out = scene_attention(q, k, v, layout, mask="v2", backend="sdpa")
+    reference, _ = _dense_reference(q, k, v, layout, "v2")
+    torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=0)

@@ -8,8 +8,8 @@ region are merged through their LSEs. That is exactly softmax attention over the
 
 The LSEs the kernels return carry no gradient, so the merge has its own backward: each block's kernel
 backward is called with the *merged* output and LSE, which yields that block's exact share of dq, dk,
-dv (the identity flash/ring attention rely on). Extra memory is O(L·H·D): the block outputs, one LSE per
-query and the fp32 gradient accumulators.
+dv (the identity flash/ring attention rely on). Extra memory is O(L·H·D): one block's output at a time,
+one LSE per query, and fp32 merge temporaries for a bounded chunk of rows.
 """
 
 from __future__ import annotations
@@ -247,15 +247,34 @@ def _regions(plan: Plan) -> Dict[str, Tuple[int, int]]:
     return regions
 
 
-def _merge(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Merge attention outputs over disjoint key sets through their LSEs. Returns (out fp32, lse)."""
-    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
-    out = sum(torch.exp(p_lse - lse).unsqueeze(-1) * p_out.float() for p_out, p_lse in parts)
-    return out, lse
+# Rows merged at a time: bounds the fp32 temporaries of a merge to (B, H, chunk, D).
+_MERGE_CHUNK = 4096
+
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, start: int, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Fold one more block into the partial result held in ``out``/``lse`` rows ``start:start + rows``, in place.
+
+    ``part_out (B, H, rows, D)`` and ``part_lse (B, H, rows)`` are attention over keys disjoint from those
+    already merged; the result is softmax attention over the union. fp32 arithmetic, a chunk of rows at a time.
+    """
+    rows = part_out.shape[2]
+    for c0 in range(0, rows, _MERGE_CHUNK):
+        c1 = min(c0 + _MERGE_CHUNK, rows)
+        target = slice(start + c0, start + c1)
+        old_lse, new_lse = lse[:, :, target], part_lse[:, :, c0:c1]
+        merged_lse = torch.logaddexp(old_lse, new_lse)
+        merged = out[:, :, target].float() * torch.exp(old_lse - merged_lse).unsqueeze(-1)
+        merged += part_out[:, :, c0:c1].float() * torch.exp(new_lse - merged_lse).unsqueeze(-1)
+        out[:, :, target] = merged.to(out.dtype)
+        lse[:, :, target] = merged_lse
 
 
 class _GroupedSceneAttention(torch.autograd.Function):
-    """Runs a plan of blocks, merges each query region's blocks through their LSEs; exact backward."""
+    """Runs a plan of blocks, merging each query region's blocks through their LSEs; exact backward.
+
+    The first block of a region writes its output straight into ``out``; later blocks are folded in place
+    (:func:`_merge_into`), so no per-block copy of the region is kept.
+    """
 
     @staticmethod
     def forward(ctx, query, key, value, plan, backend, scale):
@@ -270,7 +289,6 @@ class _GroupedSceneAttention(torch.autograd.Function):
         saved_aux: Dict[Any, Any] = {}
         for q_kind, blocks in plan.items():
             q0, q1 = regions[q_kind]
-            parts = []
             for block_index, (k_kind, groups) in enumerate(blocks):
                 if backend == "flash":
                     cu_q, max_q = _VarlenKernel.cu_seqlens(groups, batch, 0, query.device)
@@ -280,21 +298,23 @@ class _GroupedSceneAttention(torch.autograd.Function):
                     )
                     l, heads_first = _VarlenKernel.lse_to_bhl(l, batch, heads)
                     saved_aux[(q_kind, block_index)] = (cu_q, cu_k, max_q, max_k, aux, heads_first)
-                    parts.append((_VarlenKernel.unpack(o, batch), l))
-                    continue
-                kernel = _kernel_for(query, backend)
-                outs, lses = [], []
-                for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
-                    o_g, l_g, aux = kernel.forward(
-                        query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1], value[:, :, g_k0:g_k1], scale
-                    )
-                    outs.append(o_g)
-                    lses.append(l_g)
-                    saved_aux[(q_kind, block_index, group_index)] = aux
-                parts.append((torch.cat(outs, dim=2), torch.cat(lses, dim=2)))
-            merged_out, merged_lse = _merge(parts)
-            out[:, :, q0:q1] = merged_out.to(out.dtype)
-            lse[:, :, q0:q1] = merged_lse
+                    pieces = [(q0, _VarlenKernel.unpack(o, batch), l)]
+                else:
+                    kernel = _kernel_for(query, backend)
+                    pieces = []
+                    for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
+                        o_g, l_g, aux = kernel.forward(
+                            query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1], value[:, :, g_k0:g_k1], scale
+                        )
+                        saved_aux[(q_kind, block_index, group_index)] = aux
+                        pieces.append((g_q0, o_g, l_g))
+                for start, o, l in pieces:
+                    rows = slice(start, start + o.shape[2])
+                    if block_index == 0:
+                        out[:, :, rows] = o
+                        lse[:, :, rows] = l
+                    else:
+                        _merge_into(out, lse, start, o, l)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.plan, ctx.backend, ctx.scale, ctx.aux = plan, backend, scale, saved_aux
         return out
@@ -303,9 +323,8 @@ class _GroupedSceneAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
         batch, heads = query.shape[:2]
-        grad_q = torch.zeros_like(query, dtype=torch.float32)
-        grad_k = torch.zeros_like(key, dtype=torch.float32)
-        grad_v = torch.zeros_like(value, dtype=torch.float32)
+        # Each block adds its share in place: no fp32 copies of q, k, v beside the gradients themselves.
+        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
         grad_out = grad_out.to(query.dtype)
         regions = _regions(ctx.plan)
         if ctx.backend == "flash":
@@ -339,7 +358,7 @@ class _GroupedSceneAttention(torch.autograd.Function):
                     grad_q[:, :, g_q0:g_q1] += dq
                     grad_k[:, :, g_k0:g_k1] += dk
                     grad_v[:, :, g_k0:g_k1] += dv
-        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), None, None, None
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------

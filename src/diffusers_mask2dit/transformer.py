@@ -161,7 +161,11 @@ def _scene_block_forward(
     norm_encoder_hidden_states = _per_segment(
         _scale_shift, block.norm2.norm(encoder_hidden_states), text_lengths, enc_scale, enc_shift
     )
-    ff_output = block.ff(torch.cat([norm_encoder_hidden_states, norm_hidden_states], dim=1))
+    # Rebinding frees the separate normed states before the feed-forward, where memory peaks.
+    norm_hidden_states = torch.cat([norm_encoder_hidden_states, norm_hidden_states], dim=1)
+    del norm_encoder_hidden_states
+    ff_output = block.ff(norm_hidden_states)
+    del norm_hidden_states
     hidden_states = hidden_states + _per_segment(_gate, ff_output[:, text_seq_length:], video_lengths, gate)
     encoder_hidden_states = encoder_hidden_states + _per_segment(
         _gate, ff_output[:, :text_seq_length], text_lengths, enc_gate

@@ -1,0 +1,108 @@
+"""Reference attention implementations the benchmarks compare `scene_attention` against.
+
+None of these is used by the package itself; they exist only to be measured side by side with it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from diffusers_mask2dit import SceneLayout, build_dense_mask
+
+
+def unmasked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Plain softmax attention over the whole sequence (no scene mask): the cost ceiling for v2."""
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+def dense_mask_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: Optional[float] = None
+) -> torch.Tensor:
+    """SDPA with an L×L boolean mask (True = may attend), e.g. ``build_dense_mask(layout, "v2")``."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
+
+def authors_scene_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: SceneLayout,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The authors' grouped v2 attention, re-implemented from METHOD.md / paper Sec. 3.2 for comparison only.
+
+    This is not the package's method; it is written here from the published description so that its
+    cost can be measured at the same shapes. For every scene i:
+
+    - the text_i queries attend to the keys ``[text_i ; video_i]``;
+    - the video_i queries attend to the keys ``[text_i ; video_1 .. video_n]``, a key/value set that is
+      built by concatenation, i.e. all video keys and values are materialised once per scene, and the
+      n copies are alive together (one batched attention over the scenes), which is n² video memory.
+
+    Like the authors' code it needs every scene to have the same text length and the same video length.
+    Input and output are ``(B, H, L, D)`` in the package's token order ``[text_1..text_n ; video_1..video_n]``.
+    """
+    n = layout.num_scenes
+    if len(set(layout.text_lengths)) != 1 or len(set(layout.video_lengths)) != 1:
+        raise ValueError("authors_scene_attention needs equal text and video lengths in every scene (as the authors' code).")
+    layout.check_sequence_length(query.shape[2])
+    batch, heads, _, dim = query.shape
+    text_len, video_len = layout.text_lengths[0], layout.video_lengths[0]
+    text_total = layout.text_total
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+
+    def per_scene(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        # (B, H, n * length, D) region -> (n, B, H, length, D) view, scene-major
+        return x[:, :, start : start + n * length].reshape(batch, heads, n, length, dim).permute(2, 0, 1, 3, 4)
+
+    def batched(x: torch.Tensor) -> torch.Tensor:
+        # (n, B, H, length, D) -> (n * B, H, length, D): one attention call over all scenes
+        return x.reshape(n * batch, heads, x.shape[-2], dim)
+
+    def to_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
+        # (n * B, H, length, D) -> (B, H, n * length, D)
+        return x.reshape(n, batch, heads, length, dim).permute(1, 2, 0, 3, 4).reshape(batch, heads, n * length, dim)
+
+    q_text, q_video = per_scene(query, 0, text_len), per_scene(query, text_total, video_len)
+    k_text, k_video = per_scene(key, 0, text_len), per_scene(key, text_total, video_len)
+    v_text, v_video = per_scene(value, 0, text_len), per_scene(value, text_total, video_len)
+
+    # Video queries of scene i: keys [text_i ; video_1..video_n]. The concatenation writes all video
+    # keys/values once per scene: n copies, alive together for the one batched call.
+    all_video_k = key[:, :, text_total:].unsqueeze(0).expand(n, -1, -1, -1, -1)
+    all_video_v = value[:, :, text_total:].unsqueeze(0).expand(n, -1, -1, -1, -1)
+    video_keys = batched(torch.cat([k_text, all_video_k], dim=3))
+    video_values = batched(torch.cat([v_text, all_video_v], dim=3))
+    out_video = F.scaled_dot_product_attention(batched(q_video), video_keys, video_values, scale=scale)
+    del video_keys, video_values
+
+    # Text queries of scene i: keys [text_i ; video_i].
+    text_keys = batched(torch.cat([k_text, k_video], dim=3))
+    text_values = batched(torch.cat([v_text, v_video], dim=3))
+    out_text = F.scaled_dot_product_attention(batched(q_text), text_keys, text_values, scale=scale)
+
+    return torch.cat([to_sequence(out_text, text_len), to_sequence(out_video, video_len)], dim=2)
+
+
+def check_authors_matches_dense(layout: SceneLayout, batch: int = 2, heads: int = 2, dim: int = 16, seed: int = 0) -> float:
+    """Forward and gradients of :func:`authors_scene_attention` vs SDPA with ``build_dense_mask(layout, "v2")``
+    in float64. Raises AssertionError on a mismatch; returns the largest absolute difference."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, heads, layout.total, dim, generator=generator, dtype=torch.float64) for _ in range(3)]
+    ours = [t.clone().requires_grad_() for t in tensors]
+    ref = [t.clone().requires_grad_() for t in tensors]
+    out = authors_scene_attention(*ours, layout)
+    expected = dense_mask_attention(*ref, build_dense_mask(layout, "v2"))
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad(out, ours, grad_out)
+    expected_grads = torch.autograd.grad(expected, ref, grad_out)
+    worst = (out - expected).abs().max().item()
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+        worst = max(worst, (got - want).abs().max().item())
+    return worst

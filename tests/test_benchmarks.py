@@ -1,0 +1,107 @@
+"""Smoke tests of the benchmark scripts (``--quick``: tiny shapes, one repeat) and of the authors' baseline.
+
+No timing is asserted: only that each script runs, checks itself and writes the ratio fields.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name):
+    if BENCH_DIR not in sys.path:
+        sys.path.insert(0, BENCH_DIR)
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(name, tmp_path, *extra):
+    out = tmp_path / f"{name}.json"
+    payload = _load(name).main(["--quick", "--repeats", "1", "--warmup", "0", "--output", str(out), *extra])
+    with open(out) as handle:
+        saved = json.load(handle)
+    assert saved["machine"]["versions"]["torch"] == torch.__version__
+    assert saved["machine"]["date"] and saved["machine"]["cpu"]
+    return payload, saved
+
+
+@pytest.mark.parametrize(
+    "layout_args", [(1, 5, 7), (2, 3, 9), (3, 5, 11), (6, 2, 4)], ids=["1scene", "2scenes", "3scenes", "6scenes"]
+)
+def test_authors_baseline_matches_dense_mask(layout_args):
+    baselines = _load("baselines")
+    from diffusers_mask2dit import SceneLayout
+
+    assert baselines.check_authors_matches_dense(SceneLayout.uniform(*layout_args)) < 1e-10
+
+
+def test_authors_baseline_needs_equal_scenes():
+    baselines = _load("baselines")
+    from diffusers_mask2dit import SceneLayout
+
+    layout = SceneLayout([3, 3], [4, 5])
+    q = torch.randn(1, 1, layout.total, 4)
+    with pytest.raises(ValueError, match="equal"):
+        baselines.authors_scene_attention(q, q, q, layout)
+
+
+def test_live_bytes_counts_extra_memory_only():
+    common = _load("common")
+    x = torch.randn(256, 256)  # an input: not counted
+
+    def fn():
+        y = x * 2  # 256 KiB, freed before the next one
+        del y
+        z = torch.empty(512, 256)  # 512 KiB
+        return z.view(-1)  # a view: no new storage
+
+    assert common.measure_memory(fn, torch.device("cpu")) == 512 * 256 * 4
+
+
+def test_bench_attention_quick(tmp_path):
+    _, saved = _run("bench_attention", tmp_path, "--shape", "3,8,24,2,16")
+    (result,) = saved["results"]
+    assert set(result["max_abs_diff_vs_dense"]) >= {"ours[sdpa]", "ours[dense]", "authors"}
+    for mode in ("forward", "forward_backward"):
+        ratios = result["modes"][mode]["ratios"]
+        for key in ("ours_over_unmasked", "dense_over_ours", "authors_over_ours", "mem_ours_over_dense", "mem_ours_over_authors"):
+            assert ratios[key] > 0, key
+        for name, method in result["modes"][mode]["methods"].items():
+            assert method["median_s"] > 0 and method["peak_extra_bytes"] > 0, name
+
+
+def test_bench_pipeline_quick(tmp_path):
+    _, saved = _run("bench_pipeline", tmp_path, "--steps", "1")
+    ratios = saved["ratios"]
+    for key in ("mask2dit_over_cogvideox", "expected_from_sequence_lengths", "extend_1scene_over_fresh_3scenes",
+                "mem_mask2dit_over_cogvideox"):
+        assert ratios[key] > 0, key
+    assert set(saved["runs"]) == {
+        "cogvideox_1prompt", "mask2dit_3scenes", "mask2dit_3scenes_full", "extend_1scene", "cogvideox_same_tokens"
+    }
+    assert ratios["mask2dit_over_cogvideox_same_tokens"] > 0
+
+
+def test_bench_training_quick(tmp_path):
+    _, saved = _run("bench_training", tmp_path)
+    for mode in ("lora", "full"):
+        entry = saved["results"][mode]
+        assert entry["trainable_parameters"] > 0
+        assert entry["ratios"]["time_v2_over_full_attention"] > 0
+        assert entry["ratios"]["mem_v2_over_full_attention"] > 0
+    assert saved["results"]["lora"]["trainable_parameters"] < saved["results"]["full"]["trainable_parameters"]
