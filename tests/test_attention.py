@@ -209,3 +209,19 @@ def test_merge_in_row_chunks_is_exact(monkeypatch):
     out = scene_attention(q, k, v, layout, mask="v2", backend="sdpa")
     reference, _ = _dense_reference(q, k, v, layout, "v2")
     torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [1 << 28, 40])
+def test_math_kernel_matches_reference_in_row_chunks(monkeypatch, budget):
+    """The fallback kernel (fp32 on CUDA, other devices) is exact, also when its score budget forces
+    many small row chunks; checked on CPU through the grouped machinery."""
+    monkeypatch.setattr(attention_module, "_MATH_SCORES_BUDGET", budget)
+    monkeypatch.setattr(attention_module, "_kernel_for", lambda tensor, backend: attention_module._MathKernel)
+    layout = LAYOUTS[3]
+    q, k, v = _inputs(layout)
+    out = scene_attention(q, k, v, layout, mask="v2", backend="sdpa")
+    reference, leaves = _dense_reference(q, k, v, layout, "v2")
+    torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=0)
+    grad_out = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(reference, leaves, grad_out.double())):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=0)

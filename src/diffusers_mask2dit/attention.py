@@ -43,27 +43,51 @@ Group = Tuple[int, int, int, int]
 # --------------------------------------------------------------------------------------------------
 
 
+# fp32 score elements the math kernel materialises at once (256 Mi elements = 1 GiB).
+_MATH_SCORES_BUDGET = 1 << 28
+
+
 class _MathKernel:
-    """Plain matmul + softmax in fp32: any device, any dtype. Used where no fused kernel applies."""
+    """Plain matmul + softmax in fp32: any device, any dtype. Used where no fused kernel applies (fp32 on
+    CUDA, other accelerators). Query rows go in chunks so the fp32 scores never exceed
+    ``_MATH_SCORES_BUDGET`` elements, whatever the sequence length."""
 
     name = "math"
 
     @staticmethod
+    def _row_chunks(q: torch.Tensor, k: torch.Tensor):
+        rows = q.shape[-2]
+        per_row = max(1, q[..., 0, 0].numel() * k.shape[-2])
+        step = max(1, _MATH_SCORES_BUDGET // per_row)
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    @staticmethod
     def forward(q, k, v, scale):
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
-        return torch.matmul(probs, v.float()).to(q.dtype), lse, None
+        kf, vf = k.float(), v.float()
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        for r0, r1 in _MathKernel._row_chunks(q, k):
+            scores = torch.matmul(q[..., r0:r1, :].float(), kf.transpose(-1, -2)) * scale
+            lse[..., r0:r1] = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse[..., r0:r1].unsqueeze(-1))
+            out[..., r0:r1, :] = torch.matmul(probs, vf).to(q.dtype)
+        return out, lse, None
 
     @staticmethod
     def backward(grad_out, q, k, v, out, lse, scale, aux):
-        qf, kf, vf, gf = q.float(), k.float(), v.float(), grad_out.float()
-        probs = torch.exp(torch.matmul(qf, kf.transpose(-1, -2)) * scale - lse.unsqueeze(-1))
-        grad_v = torch.matmul(probs.transpose(-1, -2), gf)
-        grad_probs = torch.matmul(gf, vf.transpose(-1, -2))
-        delta = (gf * out.float()).sum(-1, keepdim=True)
-        grad_scores = probs * (grad_probs - delta) * scale
-        return torch.matmul(grad_scores, kf), torch.matmul(grad_scores.transpose(-1, -2), qf), grad_v
+        kf, vf = k.float(), v.float()
+        grad_q = torch.empty_like(q, dtype=torch.float32)
+        grad_k = torch.zeros_like(k, dtype=torch.float32)
+        grad_v = torch.zeros_like(v, dtype=torch.float32)
+        for r0, r1 in _MathKernel._row_chunks(q, k):
+            qf, gf = q[..., r0:r1, :].float(), grad_out[..., r0:r1, :].float()
+            probs = torch.exp(torch.matmul(qf, kf.transpose(-1, -2)) * scale - lse[..., r0:r1].unsqueeze(-1))
+            grad_v += torch.matmul(probs.transpose(-1, -2), gf)
+            delta = (gf * out[..., r0:r1, :].float()).sum(-1, keepdim=True)
+            grad_scores = probs * (torch.matmul(gf, vf.transpose(-1, -2)) - delta) * scale
+            grad_q[..., r0:r1, :] = torch.matmul(grad_scores, kf)
+            grad_k += torch.matmul(grad_scores.transpose(-1, -2), qf)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
 class _CpuFlashKernel:
