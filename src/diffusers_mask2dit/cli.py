@@ -20,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mask2dit", description="Mask²DiT multi-scene video generation for diffusers.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name or module_name.startswith(str(error.name)):
-                continue  # that part of the package is not built yet
-            raise
-        module.register_cli(subparsers)
+        importlib.import_module(module_name).register_cli(subparsers)
     return parser
 
 
