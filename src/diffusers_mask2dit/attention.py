@@ -123,7 +123,7 @@ class _CudaFlashKernel:
     def backward(grad_out, q, k, v, out, lse, scale, aux):
         cum_q, cum_k, max_q, max_k, rng_state, unused = aux
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, False,
+            grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, False,
             rng_state, unused, scale=scale,
         )
         return grads[0], grads[1], grads[2]
@@ -133,7 +133,12 @@ def _kernel_for(tensor: torch.Tensor, backend: str):
     if backend == "sdpa" or backend == "flash":
         if tensor.device.type == "cpu":
             return _CpuFlashKernel
-        if tensor.device.type == "cuda" and tensor.dtype in (torch.float16, torch.bfloat16) and tensor.shape[-1] <= 256:
+        if (
+            tensor.device.type == "cuda"
+            and tensor.dtype in (torch.float16, torch.bfloat16)
+            and tensor.shape[-1] <= 256
+            and torch.cuda.get_device_capability(tensor.device)[0] >= 8  # PyTorch's FlashAttention: sm80+
+        ):
             return _CudaFlashKernel
     return _MathKernel
 
