@@ -229,6 +229,14 @@ def test_lora_round_trip_through_the_pipeline(workspace, tmp_path):
 
     card = open(os.path.join(config.output_dir, "README.md"), encoding="utf-8").read()
     assert "LoRA rank / alpha | 4 / 16.0" in card and "load_lora_weights" in card
+    # The run's options travel with the weights, for `mask2dit hub build`'s card (never local paths).
+    from pathlib import Path
+
+    from diffusers_mask2dit.hub.build import read_training_config
+
+    recorded = read_training_config(Path(config.output_dir))
+    assert recorded["lora_rank"] == 4 and recorded["lora_alpha"] == 16 and recorded["finetune"] == "lora"
+    assert not any(str(tmp_path) in str(value) for value in recorded.values())
     validation = os.path.join(config.output_dir, "validation", "step-000003")
     assert sorted(os.listdir(validation)) == ["prompt-0.mp4", "prompt-0.png"]
 

@@ -339,8 +339,20 @@ def save_final_weights(accelerator: Any, transformer: Any, config: TrainingConfi
         result = os.path.join(output_dir, TRANSFORMER_FOLDER)
         _replace_folder(staging, result)
     write_model_card(config, output_dir)
+    write_training_config(config, output_dir)
     accelerator.wait_for_everyone()
     return result
+
+
+def write_training_config(config: TrainingConfig, output_dir: str) -> str:
+    """``training_config.json`` beside the weights: the run's options, which `mask2dit hub build` reads to fill
+    the Hub card's training details (it keeps only publishable keys, never local paths)."""
+    path = os.path.join(output_dir, "training_config.json")
+    staging = path + ".tmp"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump(config.to_dict(), handle, indent=2, default=str)
+    os.replace(staging, path)
+    return path
 
 
 def write_model_card(config: TrainingConfig, output_dir: str) -> str:
