@@ -130,16 +130,16 @@ class _CudaFlashKernel:
 
 
 def _kernel_for(tensor: torch.Tensor, backend: str):
-    if backend == "sdpa" or backend == "flash":
-        if tensor.device.type == "cpu":
-            return _CpuFlashKernel
-        if (
-            tensor.device.type == "cuda"
-            and tensor.dtype in (torch.float16, torch.bfloat16)
-            and tensor.shape[-1] <= 256
-            and torch.cuda.get_device_capability(tensor.device)[0] >= 8  # PyTorch's FlashAttention: sm80+
-        ):
-            return _CudaFlashKernel
+    """The per-group kernel of the ``"sdpa"`` backend for ``tensor``'s device and dtype."""
+    if tensor.device.type == "cpu":
+        return _CpuFlashKernel
+    if (
+        tensor.device.type == "cuda"
+        and tensor.dtype in (torch.float16, torch.bfloat16)
+        and tensor.shape[-1] <= 256
+        and torch.cuda.get_device_capability(tensor.device)[0] >= 8  # PyTorch's FlashAttention: sm80+
+    ):
+        return _CudaFlashKernel
     return _MathKernel
 
 
