@@ -140,14 +140,7 @@ def save_checkpoint(accelerator: Any, output_dir: str, progress: TrainingProgres
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         progress.save(staging)  # written last: its presence marks a complete checkpoint
-        if os.path.exists(final):  # the same step saved before (e.g. a resumed run): swap, then drop the old one
-            retired = final + ".old"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.rename(final, retired)
-            os.rename(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, final)
+        _replace_folder(staging, final)  # the same step may have been saved before (e.g. by a resumed run)
         if total_limit is not None:
             for _, path in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(path, ignore_errors=True)
@@ -291,6 +284,7 @@ def _register_checkpoint_hooks(accelerator: Any, transformer: Any, config: Train
 
 
 def _replace_folder(staging: str, final: str) -> None:
+    """Move a complete ``staging`` folder to ``final``; an existing ``final`` is swapped out, then dropped."""
     if os.path.exists(final):
         retired = final + ".old"
         shutil.rmtree(retired, ignore_errors=True)
