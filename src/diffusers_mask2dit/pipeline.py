@@ -37,7 +37,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 
 from .attention import BACKENDS
 from .layout import check_mask_variant
-from .transformer import Mask2DiTTransformer3DModel
+from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, patch_aligned_frames
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -328,24 +328,6 @@ class Mask2DiTPipeline(CogVideoXPipeline):
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames of a scene of ``num_frames = 4k+1`` pixel frames: k+1."""
         return (num_frames - 1) // self.vae_scale_factor_temporal + 1
-
-    def patch_aligned_frames(self, scene_frames: List[int]) -> List[int]:
-        """Latent frames to denoise per scene: CogVideoX 1.5 (``patch_size_t``) needs whole temporal patches, so
-        each scene gets extra noise frames in front, as `CogVideoXPipeline` does; other models: unchanged."""
-        p_t = self.transformer.config.patch_size_t
-        return [frames + (-frames) % p_t if p_t else frames for frames in scene_frames]
-
-    @staticmethod
-    def drop_patch_padding(latents: torch.Tensor, scene_frames: List[int], denoised_frames: List[int]) -> torch.Tensor:
-        """``(B, sum(denoised_frames), C, h, w)`` -> ``(B, sum(scene_frames), C, h, w)``: drop each scene's
-        leading filler frames (see `patch_aligned_frames`)."""
-        if list(scene_frames) == list(denoised_frames):
-            return latents
-        pieces, start = [], 0
-        for frames, denoised in zip(scene_frames, denoised_frames):
-            pieces.append(latents[:, start + denoised - frames : start + denoised])
-            start += denoised
-        return torch.cat(pieces, dim=1)
 
     def decoded_frames(self, latent_frames: int) -> int:
         """Pixel frames the CogVideoX VAE decodes from ``latent_frames``.
@@ -698,7 +680,9 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
         num_frames = _per_scene_counts(num_frames or self.transformer.config.sample_frames, num_scenes, "num_frames")
         scene_frames = [self.latent_frames(frames) for frames in num_frames]
-        denoised_frames = self.patch_aligned_frames(scene_frames)
+        # CogVideoX 1.5 denoises whole temporal patches: like `CogVideoXPipeline`, each scene gets filler noise
+        # frames in front, dropped before decoding.
+        denoised_frames = patch_aligned_frames(scene_frames, self.transformer.config.patch_size_t)
         latents_shape = (
             batch_size * num_videos_per_prompt,
             sum(denoised_frames),
@@ -771,7 +755,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         )
 
         # 6. Decode each scene (without the noise frames that filled its temporal patches)
-        latents = self.drop_patch_padding(latents, scene_frames, denoised_frames)
+        latents = drop_leading_frames(latents, scene_frames, denoised_frames)
         video, scenes = self.decode_scenes(latents, scene_frames, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -903,7 +887,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         all_frames = context_pixel_frames + num_frames
         scene_frames = [self.latent_frames(frames) for frames in all_frames]
         # Context scenes are given as they are; new scenes are drawn with whole temporal patches (CogVideoX 1.5).
-        new_frames = self.patch_aligned_frames(scene_frames[num_context_scenes:])
+        new_frames = patch_aligned_frames(scene_frames[num_context_scenes:], self.transformer.config.patch_size_t)
         denoised_frames = scene_frames[:num_context_scenes] + new_frames
         effective_batch = batch_size * num_videos_per_prompt
         new_shape = (
@@ -976,7 +960,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         )
 
         # 6. Decode the window, each scene on its own
-        latents = self.drop_patch_padding(latents, scene_frames[num_context_scenes:], new_frames)
+        latents = drop_leading_frames(latents, scene_frames[num_context_scenes:], new_frames)
         video, scenes = self.decode_scenes(torch.cat([context_latents, latents], dim=1), scene_frames, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

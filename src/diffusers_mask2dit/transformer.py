@@ -178,6 +178,22 @@ def _scene_block_forward(
 # --------------------------------------------------------------------------------------------------
 
 
+def patch_aligned_frames(scene_frames: Sequence[int], patch_size_t: Optional[int]) -> List[int]:
+    """Latent frames per scene rounded up to whole temporal patches (CogVideoX 1.5); unchanged without them."""
+    return [f + (-f) % patch_size_t if patch_size_t else f for f in scene_frames]
+
+
+def drop_leading_frames(x: torch.Tensor, scene_frames: Sequence[int], padded_frames: Sequence[int]) -> torch.Tensor:
+    """``(B, sum(padded_frames), ...)`` -> ``(B, sum(scene_frames), ...)``: drop each scene's leading filler frames."""
+    if list(scene_frames) == list(padded_frames):
+        return x
+    pieces, start = [], 0
+    for frames, padded in zip(scene_frames, padded_frames):
+        pieces.append(x[:, start + padded - frames : start + padded])
+        start += padded
+    return torch.cat(pieces, dim=1)
+
+
 def _as_int_list(values: Sequence[Any], name: str) -> List[int]:
     try:
         result = [int(v) for v in values]
@@ -372,17 +388,18 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         )
 
     def _pad_scenes(self, hidden_states: torch.Tensor, scene_frames: List[int]) -> Tuple[torch.Tensor, List[int]]:
-        """CogVideoX 1.5 patches 2 latent frames at a time: repeat each scene's first frame in front to fill."""
-        p_t = self.config.patch_size_t
-        pads = [(-f) % p_t if p_t else 0 for f in scene_frames]
-        if not any(pads):
-            return hidden_states, pads
+        """CogVideoX 1.5 patches 2 latent frames at a time: repeat each scene's first frame in front to fill.
+        Returns the padded latents and the padded frame count of each scene."""
+        padded_frames = patch_aligned_frames(scene_frames, self.config.patch_size_t)
+        if padded_frames == scene_frames:
+            return hidden_states, padded_frames
         pieces, start = [], 0
-        for frames, pad in zip(scene_frames, pads):
+        for frames, padded in zip(scene_frames, padded_frames):
             scene = hidden_states[:, start : start + frames]
-            pieces.append(torch.cat([scene[:, :1].expand(-1, pad, -1, -1, -1), scene], dim=1) if pad else scene)
+            filler = scene[:, :1].expand(-1, padded - frames, -1, -1, -1)
+            pieces.append(torch.cat([filler, scene], dim=1))
             start += frames
-        return torch.cat(pieces, dim=1), pads
+        return torch.cat(pieces, dim=1), padded_frames
 
     def _embed(self, encoder_hidden_states: torch.Tensor, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Text tokens ``(B, Lt, D)`` and video tokens ``(B, Lv, D)`` with positions continuous over all frames."""
@@ -468,8 +485,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         emb = self._time_embedding(timestep, timestep_cond, ofs, hidden_states.dtype)
 
         # 2. Patch embedding, with 1.5-style scenes padded to whole temporal patches
-        hidden_states, pads = self._pad_scenes(hidden_states, scene_frames)
-        padded_frames = [f + pad for f, pad in zip(scene_frames, pads)]
+        hidden_states, padded_frames = self._pad_scenes(hidden_states, scene_frames)
         total_frames = sum(padded_frames)
         if image_rotary_emb is None and self.config.use_rotary_positional_embeddings:
             image_rotary_emb = self.rotary_embeddings(height, width, total_frames, hidden_states.device)
@@ -510,12 +526,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         else:
             output = hidden_states.reshape(batch_size, total_frames // p_t, height // p, width // p, -1, p_t, p, p)
             output = output.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
-        if any(pads):
-            pieces, start = [], 0
-            for frames, pad in zip(padded_frames, pads):
-                pieces.append(output[:, start + pad : start + frames])
-                start += frames
-            output = torch.cat(pieces, dim=1)
+        output = drop_leading_frames(output, scene_frames, padded_frames)
 
         if not return_dict:
             return (output,)
