@@ -1,6 +1,6 @@
 """Training cost: step time and peak memory of Mask²DiT (mask v2) vs the same model with full attention.
 
-One sample of n=3 scenes per step, v-prediction loss (the package's `training.loss` when present),
+One sample of n=3 scenes per step, v-prediction loss (the package's `training.loss`),
 AdamW, for LoRA (peft, rank 64 on to_q/to_k/to_v/to_out.0) and for full fine-tuning. The only
 difference between the two columns of a mode is the attention mask: "v2" (ours) vs "full" (no mask).
 
@@ -12,13 +12,23 @@ Memory: ``peak`` is the high-water of everything a fresh training step allocates
     python benchmarks/bench_training.py --device cuda --dtype bfloat16 --model cogvideox-5b   # 480x720, 49 frames/scene
     python benchmarks/bench_training.py --device cuda --dtype bfloat16 --model cogvideox-2b
 
+Without a GPU, ``--estimate-memory`` gives the peak memory a CUDA run would allocate, without computing
+anything: the step runs on fake tensors (``torch._subclasses.FakeTensorMode``, shapes and dtypes only)
+and :class:`common.LiveBytes` adds up the tensors it creates, exactly as it does for a real CPU run.
+
+    python benchmarks/bench_training.py --estimate-memory                        # 5b size, bf16, checkpointing
+    python benchmarks/bench_training.py --estimate-memory --model cogvideox-2b
+
 On CUDA gradient checkpointing is on by default (``--no-gradient-checkpointing`` turns it off); on CPU it
-is off unless ``--gradient-checkpointing`` is given. With bf16 the weights, gradients and AdamW state
-are bf16 (LoRA adapters are kept in fp32 by peft); a mode that runs out of memory is recorded as "OOM".
+is off unless ``--gradient-checkpointing`` is given. Precision is the trainer's (its ``setup_finetuning``
+prepares the model): with bf16, LoRA keeps the frozen weights in bf16 and the adapters in fp32, full
+fine-tuning keeps fp32 master weights, gradients and AdamW state, and the forward is autocast to bf16.
+A mode that runs out of memory is recorded as "OOM".
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any, Callable, Dict, Optional
@@ -30,42 +40,158 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from diffusers_mask2dit import Mask2DiTTransformer3DModel  # noqa: E402
+from diffusers_mask2dit.training.loss import prepare_diffusion_batch, training_loss  # noqa: E402
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 GPU_MEMORY_GOAL_GB = 80.0
+# No VAE or text encoder runs here, so the 2b/5b-sized models take the real models' latent channels and
+# T5 width (the pipeline benchmark keeps the tiny ones its tiny VAE and T5 produce).
+REAL_MODEL_IO = {"in_channels": 16, "out_channels": 16, "text_embed_dim": 4096}
 
 
-def _loss_functions():
-    """The package's noising + v-prediction loss, or an equivalent written here if it is not available."""
-    try:
-        from diffusers_mask2dit.training.loss import prepare_diffusion_batch, training_loss
+def model_overrides(size: str) -> Dict[str, Any]:
+    return dict(REAL_MODEL_IO) if size.startswith("cogvideox-") else {}
 
-        def make_batch(latents, scene_frames, seed, scheduler):
-            return prepare_diffusion_batch(latents, None, scene_frames, torch.tensor([seed]), scheduler, cond_prob=0.0)
 
-        def loss_fn(model, batch, prompt_embeds, mask, dtype):
-            return training_loss(model, batch, prompt_embeds, mask, dtype)
+def prepare_model(size: str, device: torch.device, dtype: torch.dtype, mode: str, lora_rank: int,
+                  checkpointing: bool) -> torch.nn.Module:
+    """A random Mask²DiT transformer of ``size`` set up for ``mode`` by the trainer's own ``setup_finetuning``:
+    "lora" = frozen weights in ``dtype`` + fp32 adapters; "full" = fp32 master weights (the forward is
+    autocast to ``dtype``, see :func:`mixed_precision`), as `mask2dit train` runs them."""
+    from diffusers_mask2dit.training.config import TrainingConfig
+    from diffusers_mask2dit.training.trainer import setup_finetuning
 
-        return make_batch, loss_fn, "diffusers_mask2dit.training.loss"
-    except ImportError:
-        from types import SimpleNamespace
+    if mode not in ("lora", "full"):
+        raise SystemExit(f"--modes takes lora and/or full, got {mode!r}")
+    transformer = common.build_random_transformer(size, device, dtype, **model_overrides(size))
+    model = Mask2DiTTransformer3DModel.from_cogvideox(transformer)
+    config = TrainingConfig(finetune=mode, lora_rank=lora_rank, lora_alpha=float(lora_rank),
+                            lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=checkpointing)
+    setup_finetuning(model, config, dtype)
+    return model.train()
 
-        def make_batch(latents, scene_frames, seed, scheduler):
-            generator = torch.Generator().manual_seed(seed)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-            noise = torch.randn(latents.shape, generator=generator).to(latents)
-            flat_t = t.repeat_interleave(latents.shape[1]).to(latents.device)
-            noisy = scheduler.add_noise(latents.flatten(0, 1), noise.flatten(0, 1), flat_t).view_as(latents)
-            target = scheduler.get_velocity(latents.flatten(0, 1), noise.flatten(0, 1), flat_t).view_as(latents)
-            return SimpleNamespace(noisy_latents=noisy, target=target, timesteps=t.to(latents.device), scene_frames=scene_frames)
 
-        def loss_fn(model, batch, prompt_embeds, mask, dtype):
-            out = model(hidden_states=batch.noisy_latents.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype),
-                        timestep=batch.timesteps, attention_kwargs={"scene_mask": mask},
-                        scene_frames=list(batch.scene_frames), return_dict=False)[0]
-            return (out.float() - batch.target.float()).square().mean()
+def mixed_precision(device: torch.device, dtype: torch.dtype):
+    """The trainer's mixed precision (accelerate autocasts the forward to bf16/fp16); nothing for fp32."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
-        return make_batch, loss_fn, "benchmarks/bench_training.py (fallback)"
+
+def step_peak_memory(
+    size: str,
+    mode: str,
+    mask: str,
+    *,
+    dtype: torch.dtype,
+    scenes: int = 3,
+    lora_rank: int = 64,
+    checkpointing: bool = True,
+    fake: bool = True,
+    gpu_kernels: bool = True,
+    conditional: bool = False,
+) -> Dict[str, int]:
+    """Weights and peak extra bytes of one fresh training step (the AdamW state is created in it), 1 sample.
+
+    ``fake=True`` runs the step on fake tensors: shapes and dtypes only, no compute, no memory, so a
+    5b-sized step is "run" on a laptop. ``gpu_kernels`` routes it as on an sm80+ GPU: attention through the
+    varlen FlashAttention backend and AdamW's multi-tensor (foreach) update, CUDA's default; it needs
+    ``fake`` (the CPU has neither). ``fake=False, gpu_kernels=False`` measures the same step for real on
+    CPU, which is how the tests check the estimate. ``conditional``: the SFT sample whose first scenes are
+    clean context at timestep 0; it needs real tensors (the model tests whether the scenes' timesteps differ).
+    """
+    import dataclasses
+    from unittest import mock
+
+    from diffusers import CogVideoXDPMScheduler
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffusers_mask2dit import attention
+    from diffusers_mask2dit.tiny import build_tiny_components
+
+    if gpu_kernels and not fake:
+        raise ValueError("`gpu_kernels` needs `fake`: this CPU has no FlashAttention kernels to run.")
+    if conditional and fake:
+        raise ValueError("`conditional` needs `fake=False`: the model reads the per-scene timesteps' values.")
+    config = common.transformer_config(size, **model_overrides(size))
+    height, width, frames = common.VIDEO_SIZES[size]
+    latent_frames = (frames - 1) // 4 + 1
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, scenes * latent_frames, config["in_channels"], height // 8, width // 8, generator=generator)
+    prompt_embeds = torch.randn(1, scenes * config["max_text_seq_length"], config["text_embed_dim"],
+                                generator=generator).to(dtype)
+    scheduler = CogVideoXDPMScheduler.from_config(build_tiny_components("5b")["scheduler"].config)
+    batch = prepare_diffusion_batch(latents, None, [latent_frames] * scenes, torch.tensor([0]), scheduler,
+                                    cond_prob=1.0 if conditional else 0.0)
+    if bool((batch.timesteps == batch.timesteps[:, :1]).all()):
+        # The model's first step turns equal per-scene timesteps into one per sample; that test reads
+        # tensor values, which fake tensors do not have, so it is made here on the real batch.
+        batch = dataclasses.replace(batch, timesteps=batch.timesteps[:, 0])
+
+    model = prepare_model(size, torch.device("meta" if fake else "cpu"), dtype, mode, lora_rank, checkpointing)
+    with contextlib.ExitStack() as stack:
+        if fake:
+            fake_mode = stack.enter_context(FakeTensorMode())
+            common.materialize_fake(model)
+            # inputs exist before the step, as fake tensors too (so that views of them are not counted)
+            prompt_embeds = fake_mode.from_tensor(prompt_embeds)
+            batch = dataclasses.replace(batch, **{
+                field.name: fake_mode.from_tensor(value) for field in dataclasses.fields(batch)
+                if isinstance(value := getattr(batch, field.name), torch.Tensor)
+            })
+        if gpu_kernels:
+            stack.enter_context(mock.patch.object(attention, "resolve_backend", lambda backend, query: "flash"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True if gpu_kernels else None)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with mixed_precision(torch.device("cpu"), dtype):
+                loss = training_loss(model, batch, prompt_embeds, mask, dtype)
+            loss.backward()
+            optimizer.step()
+
+        extra = common.measure_memory(step, torch.device("cpu"))
+    return {"weights_bytes": weights, "peak_extra_bytes": extra, "peak_total_bytes": weights + extra}
+
+
+def estimate(args, size: str, dtype: torch.dtype, checkpointing: bool) -> Dict[str, Any]:
+    """``--estimate-memory``: the fake-tensor peak memory of each mode and mask, against the 80 GB goal."""
+    info = common.machine_info(torch.device("cpu"))
+    height, width, frames = common.VIDEO_SIZES[size]
+    print(f"training memory estimate (fake tensors, GPU kernels): {size} random model, {args.scenes} scenes x "
+          f"{frames} frames at {height}x{width}, {str(dtype)[6:]}, checkpointing {'on' if checkpointing else 'off'}, "
+          f"LoRA rank {args.lora_rank}, {info['date']}", flush=True)
+    results: Dict[str, Any] = {}
+    rows = []
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        results[mode] = {}
+        for label, mask in (("v2", "v2"), ("full_attention", "full")):
+            figures = step_peak_memory(size, mode, mask, dtype=dtype, scenes=args.scenes, lora_rank=args.lora_rank,
+                                       checkpointing=checkpointing)
+            results[mode][label] = figures
+            rows.append([mode, label, common.fmt_bytes(figures["weights_bytes"]),
+                         common.fmt_bytes(figures["peak_extra_bytes"]), common.fmt_bytes(figures["peak_total_bytes"]),
+                         f"{figures['peak_total_bytes'] / 1e9:.1f} GB"])
+    common.print_table(f"-- estimated peak memory of one training step, 1 sample of {args.scenes} scenes ({size})",
+                       ["mode", "attention", "weights", "peak extra", "total", "total (1e9 B)"], rows)
+    goals: Dict[str, Any] = {}
+    if size == "cogvideox-5b" and "lora" in results:
+        goals["5b_lora_fits_80GB_estimated"] = results["lora"]["v2"]["peak_total_bytes"] < GPU_MEMORY_GOAL_GB * 1e9
+        print("   goals:  " + ", ".join(f"{k}={'met' if ok else 'MISSED'}" for k, ok in goals.items()), flush=True)
+    payload = {
+        "benchmark": "training_memory_estimate",
+        "method": "FakeTensorMode step with GPU kernel routing; common.LiveBytes high-water of created tensors",
+        "machine": info,
+        "dtype": str(dtype)[6:],
+        "model": {"size": size, "config": common.transformer_config(size, **model_overrides(size))},
+        "video": {"height": height, "width": width, "scenes": args.scenes, "pixel_frames_per_scene": frames},
+        "gradient_checkpointing": checkpointing,
+        "lora_rank": args.lora_rank,
+        "results": results,
+        "goals_met": goals,
+    }
+    common.save_json(payload, f"training_{size}", args, device_label="estimate")
+    return payload
 
 
 def is_oom(error: BaseException) -> bool:
@@ -81,7 +207,17 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--gradient-checkpointing", dest="checkpointing", action="store_true", default=None)
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="no GPU needed: estimate the peak memory of a CUDA training step with fake tensors")
     args = parser.parse_args(argv)
+    if args.estimate_memory:
+        if args.device != "cpu":
+            raise SystemExit("--estimate-memory runs on fake tensors; leave --device out.")
+        setup_dtype = common.setup(args)["dtype"]  # also quiets diffusers' notices
+        dtype = setup_dtype if args.dtype else torch.bfloat16  # as on CUDA
+        size = args.model or ("quick" if args.quick else "cogvideox-5b")
+        checkpointing = args.checkpointing if args.checkpointing is not None else True
+        return estimate(args, size, dtype, checkpointing)
     env = common.setup(args)
     device, dtype = env["device"], env["dtype"]
     size = args.model or ("quick" if args.quick else ("cogvideox-5b" if device.type == "cuda" else "cpu-mid"))
@@ -90,15 +226,13 @@ def main(argv=None) -> Dict[str, Any]:
     warmup = args.warmup if args.warmup is not None else 1
     n = args.scenes
     height, width, frames = common.VIDEO_SIZES[size]
-    make_batch, loss_fn, loss_source = _loss_functions()
 
     from diffusers import CogVideoXDPMScheduler
-    from peft import LoraConfig
 
     from diffusers_mask2dit.tiny import build_tiny_components
 
     scheduler = CogVideoXDPMScheduler.from_config(build_tiny_components("5b")["scheduler"].config)
-    config = common.transformer_config(size)
+    config = common.transformer_config(size, **model_overrides(size))
     latent_frames = (frames - 1) // 4 + 1
     scene_frames = [latent_frames] * n
     generator = torch.Generator().manual_seed(0)
@@ -113,8 +247,6 @@ def main(argv=None) -> Dict[str, Any]:
 
     results: Dict[str, Any] = {}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        if mode not in ("lora", "full"):
-            raise SystemExit(f"--modes takes lora and/or full, got {mode!r}")
         common.free_memory(device)
         entry: Dict[str, Any] = {}
         results[mode] = entry
@@ -123,18 +255,7 @@ def main(argv=None) -> Dict[str, Any]:
         runnable: Dict[str, Callable[[], float]] = {}
         state: Dict[str, Any] = {}
         try:
-            model = Mask2DiTTransformer3DModel.from_cogvideox(common.build_random_transformer(size, device, dtype))
-            if checkpointing:
-                model.enable_gradient_checkpointing()
-            if mode == "lora":
-                model.requires_grad_(False)
-                model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights=True,
-                                             target_modules=LORA_TARGETS))
-                for name, param in model.named_parameters():
-                    if "lora_" in name:
-                        param.data = param.data.float()  # adapters train in fp32
-                        param.requires_grad_(True)
-            model.train()
+            model = prepare_model(size, device, dtype, mode, args.lora_rank, checkpointing)
             params = [p for p in model.parameters() if p.requires_grad]
             entry["trainable_parameters"] = sum(p.numel() for p in params)
             entry["parameters"] = common.parameter_count(model)
@@ -144,8 +265,10 @@ def main(argv=None) -> Dict[str, Any]:
                 def step():
                     optimizer_ = state["optimizer"]
                     optimizer_.zero_grad(set_to_none=True)
-                    batch = make_batch(latents, scene_frames, seed, scheduler)
-                    loss = loss_fn(model, batch, prompt_embeds, mask, dtype)
+                    batch = prepare_diffusion_batch(latents, None, scene_frames, torch.tensor([seed]), scheduler,
+                                                    cond_prob=0.0)
+                    with mixed_precision(device, dtype):
+                        loss = training_loss(model, batch, prompt_embeds, mask, dtype)
                     loss.backward()
                     optimizer_.step()
                     return float(loss.detach())
@@ -203,7 +326,7 @@ def main(argv=None) -> Dict[str, Any]:
                          common.fmt_ratio(entry["ratios"]["time_v2_over_full_attention"]) if label == "v2" else "",
                          "OOM" if mem == "OOM" else common.fmt_bytes(mem["peak_extra_bytes"]),
                          "OOM" if mem == "OOM" else common.fmt_bytes(mem["peak_total_bytes"])])
-    common.print_table(f"-- training step, 1 sample of {n} scenes ({size}, {str(dtype)[6:]}, loss from {loss_source})",
+    common.print_table(f"-- training step, 1 sample of {n} scenes ({size}, {str(dtype)[6:]})",
                        ["mode", "attention", f"median/step ({common.time_basis(device)})", "v2 / full", "peak extra mem", "total (with weights)"], rows)
 
     goals: Dict[str, Any] = {}
@@ -226,7 +349,7 @@ def main(argv=None) -> Dict[str, Any]:
                   "latent_frames_per_scene": latent_frames, "video_tokens_per_scene": video_tokens},
         "gradient_checkpointing": checkpointing,
         "lora_rank": args.lora_rank,
-        "loss": loss_source,
+        "loss": "diffusers_mask2dit.training.loss (v-prediction)",
         "repeats": repeats, "warmup": warmup,
         "results": results,
         "goals_met": goals,

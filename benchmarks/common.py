@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import statistics
@@ -67,12 +68,13 @@ def setup(args: argparse.Namespace) -> Dict[str, Any]:
         raise SystemExit("--device cuda was asked for but no CUDA device is available.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:  # dtype-cast notices from diffusers would clutter the tables
+    try:  # dtype-cast notices from diffusers (and prompt-truncation notices: benchmark prompts are filler)
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()
     except Exception:
         pass
+    logging.getLogger("diffusers_mask2dit").setLevel(logging.ERROR)
     if args.dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -214,7 +216,7 @@ class LiveBytes(TorchDispatchMode):
         for item in tree_flatten((args, kwargs))[0]:
             if isinstance(item, torch.Tensor):
                 try:
-                    inputs.add(item.untyped_storage().data_ptr())
+                    inputs.add(item.untyped_storage()._cdata)
                 except (RuntimeError, NotImplementedError):
                     pass
         for item in tree_flatten(out)[0]:
@@ -224,7 +226,8 @@ class LiveBytes(TorchDispatchMode):
                 storage = item.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 continue
-            key, nbytes = storage.data_ptr(), storage.nbytes()
+            # keyed by the storage object itself (its C++ address), which fake tensors have too
+            key, nbytes = storage._cdata, storage.nbytes()
             if nbytes == 0 or key in inputs or key in self._sizes:
                 continue
             self._sizes[key] = nbytes
@@ -314,15 +317,17 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]
     return text
 
 
-def default_output(name: str, args: argparse.Namespace) -> Path:
+def default_output(name: str, args: argparse.Namespace, device_label: Optional[str] = None) -> Path:
     suffix = "_quick" if args.quick else ""
-    return RESULTS_DIR / f"{name}_{torch.device(args.device).type}{suffix}.json"
+    return RESULTS_DIR / f"{name}_{device_label or torch.device(args.device).type}{suffix}.json"
 
 
-def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace) -> Optional[Path]:
+def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
+              device_label: Optional[str] = None) -> Optional[Path]:
+    """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``."""
     if args.no_save:
         return None
-    path = Path(args.output) if args.output else default_output(name, args)
+    path = Path(args.output) if args.output else default_output(name, args, device_label)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     if isinstance(payload.get("machine"), dict):
@@ -371,7 +376,7 @@ VIDEO_SIZES: Dict[str, Any] = {
 }
 
 
-def transformer_config(size: str) -> Dict[str, Any]:
+def transformer_config(size: str, **overrides: Any) -> Dict[str, Any]:
     from diffusers_mask2dit.tiny import MAX_SEQUENCE_LENGTH, TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
     height, width, frames = VIDEO_SIZES[size]
@@ -387,18 +392,34 @@ def transformer_config(size: str) -> Dict[str, Any]:
         use_rotary_positional_embeddings=True,
     )
     config.update(MODEL_SIZES[size])
+    config.update(overrides)
     return config
 
 
-def build_random_transformer(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A `CogVideoXTransformer3DModel` of ``size`` with random weights, created directly on ``device``."""
+def build_random_transformer(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, **overrides: Any):
+    """A `CogVideoXTransformer3DModel` of ``size`` (config ``overrides`` applied) with random weights,
+    created directly on ``device`` (``"meta"``: shapes only)."""
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with torch.device(device):
-            model = CogVideoXTransformer3DModel(**transformer_config(size))
+            model = CogVideoXTransformer3DModel(**transformer_config(size, **overrides))
     return model.to(dtype=dtype).eval()
+
+
+def materialize_fake(module: torch.nn.Module) -> None:
+    """Replace ``module``'s parameters and buffers (e.g. on the meta device) by CPU tensors of the same shapes
+    and dtypes; called inside a ``FakeTensorMode`` they are fake tensors (no memory, no data)."""
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None:
+                submodule._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad
+                )
+        for name, buffer in list(submodule._buffers.items()):
+            if buffer is not None:
+                submodule._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
 
 
 def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
