@@ -225,3 +225,34 @@ def test_math_kernel_matches_reference_in_row_chunks(monkeypatch, budget):
     grad_out = torch.randn_like(out)
     for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(reference, leaves, grad_out.double())):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+def test_flash_path_fits_pytorch_flash_kernel_signatures(monkeypatch, variant):
+    """The flash backend's real calls into PyTorch's varlen FlashAttention ops, run on fake tensors: the ops'
+    shape functions take the real arguments and give the real output layouts (LSE (H, T)), so arity and
+    packing/layout mistakes fail here without a GPU. What only the kernel checks (cu_seqlens dtype, max
+    lengths) and the numbers need `-m cuda`; the same packing with a plain-math kernel is checked above."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(attention_module, "_flash_attn_package", lambda: None)  # PyTorch's own kernels
+    layout = SceneLayout([5, 7, 6], [11, 9, 13])
+    with FakeTensorMode():
+        q, k, v = (torch.randn(2, 3, layout.total, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        with RecordOps() as record:
+            out = attention_module._GroupedSceneAttention.apply(q, k, v, attention_module._plan(layout, variant), "flash", 0.25)
+            grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert {"aten._flash_attention_forward.default", "aten._flash_attention_backward.default"} <= record.names
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    for grad, leaf in zip(grads, (q, k, v)):
+        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype
