@@ -189,10 +189,18 @@ def test_flash_path_packing_and_merging_on_cpu(monkeypatch, variant, lse_heads_f
 
         def backward(grad_out, q, k, v, out, lse, *rest):
             return _emulated_varlen_backward(grad_out, q, k, v, out, lse.T, *rest)
-    monkeypatch.setattr(attention_module, "_varlen_forward", forward)
-    monkeypatch.setattr(attention_module, "_varlen_backward", backward)
     layout = LAYOUTS[3]
     q, k, v = _inputs(layout)
+    # Each call gets views of one batch item's q, k, v: the packing copies nothing.
+    storages = {x.untyped_storage().data_ptr() for x in (q, k, v)}
+    calls = []
+
+    def viewing_forward(q_, k_, v_, *rest):
+        calls.append(all(x.untyped_storage().data_ptr() in storages for x in (q_, k_, v_)))
+        return forward(q_, k_, v_, *rest)
+
+    monkeypatch.setattr(attention_module, "_varlen_forward", viewing_forward)
+    monkeypatch.setattr(attention_module, "_varlen_backward", backward)
     plan = attention_module._plan(layout, variant)
     out = attention_module._GroupedSceneAttention.apply(q, k, v, plan, "flash", 8**-0.5)
     reference, leaves = _dense_reference(q, k, v, layout, variant)
@@ -200,6 +208,8 @@ def test_flash_path_packing_and_merging_on_cpu(monkeypatch, variant, lse_heads_f
     grad_out = torch.randn_like(out)
     for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(reference, leaves, grad_out.double())):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=0)
+    # one call per block and batch item
+    assert len(calls) == q.shape[0] * sum(len(blocks) for blocks in plan.values()) and all(calls)
 
 
 def test_merge_in_row_chunks_is_exact(monkeypatch):

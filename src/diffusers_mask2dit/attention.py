@@ -176,7 +176,7 @@ def _call_with_supported_kwargs(fn: Callable, *args, **kwargs):
 
 
 def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """One varlen FlashAttention call on packed ``(T, H, D)`` tensors -> (out, lse, aux)."""
+    """One varlen FlashAttention call on ``(T, H, D)`` tensors (views: any row and head strides) -> (out, lse, aux)."""
     fa = _flash_attn_package()
     if fa is not None:
         res = _call_with_supported_kwargs(
@@ -208,42 +208,41 @@ def _varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scal
 
 
 class _VarlenKernel:
-    """All groups of a block in one varlen FlashAttention call: batch items and scenes packed as sequences.
+    """All groups of a block in one varlen FlashAttention call per batch item, the scenes packed as sequences.
 
-    Regions are packed ``(B, H, L, D) -> (B * L, H, D)`` once per call (one copy of q, k, v in all).
+    A region of one batch item, ``(H, rows, D)`` of a ``(B, H, L, D)`` tensor, is handed over as a
+    ``(rows, H, D)`` view: the kernels take any row and head strides, so nothing is copied (packing
+    several batch items into one call would need a copy of q, k and v).
     """
 
     @staticmethod
-    def pack_regions(x: torch.Tensor, layout_regions: Dict[str, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
-        return {
-            kind: x[:, :, start:end].transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
-            for kind, (start, end) in layout_regions.items()
-        }
+    def pack(x: torch.Tensor, item: int, region: Tuple[int, int]) -> torch.Tensor:
+        start, end = region
+        return x[item, :, start:end].transpose(0, 1)
 
     @staticmethod
-    def unpack(x: torch.Tensor, batch: int) -> torch.Tensor:
-        # (B * L, H, D) -> (B, H, L, D)
-        return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+    def unpack(x: torch.Tensor) -> torch.Tensor:
+        # (rows, H, D) -> (1, H, rows, D)
+        return x.transpose(0, 1).unsqueeze(0)
 
     @staticmethod
-    def cu_seqlens(groups: List[Group], batch: int, side: int, device) -> Tuple[torch.Tensor, int]:
-        lengths = [g[2 * side + 1] - g[2 * side] for g in groups] * batch
+    def cu_seqlens(groups: List[Group], side: int, device) -> Tuple[torch.Tensor, int]:
+        lengths = [g[2 * side + 1] - g[2 * side] for g in groups]
         cu = torch.tensor([0] + lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return cu, max(lengths)
 
     @staticmethod
-    def lse_to_bhl(lse: torch.Tensor, batch: int, heads: int) -> Tuple[torch.Tensor, bool]:
-        """LSE as (B, H, L) fp32, and whether the kernel gave it heads-first ((H, T), FlashAttention-2)."""
-        heads_first = lse.dim() == 2 and lse.shape[0] == heads and lse.shape[1] % batch == 0 and lse.shape[1] != heads
-        if heads_first:
-            return lse.reshape(heads, batch, -1).permute(1, 0, 2).float(), True
-        return lse.reshape(batch, -1, heads).permute(0, 2, 1).float(), False
+    def lse_to_hl(lse: torch.Tensor, heads: int) -> Tuple[torch.Tensor, bool]:
+        """LSE as (H, rows) fp32, and whether the kernel gave it heads-first: (H, T) is what FlashAttention-2
+        and PyTorch's kernels return (and what a square LSE is taken to be); (T, H) is accepted too."""
+        rows_first = lse.shape[1] == heads and lse.shape[0] != heads
+        if rows_first:
+            return lse.transpose(0, 1).float(), False
+        return lse.float(), True
 
     @staticmethod
-    def lse_from_bhl(lse: torch.Tensor, heads_first: bool) -> torch.Tensor:
-        if heads_first:
-            return lse.permute(1, 0, 2).reshape(lse.shape[1], -1).contiguous()
-        return lse.permute(0, 2, 1).reshape(-1, lse.shape[1]).contiguous()
+    def lse_from_hl(lse: torch.Tensor, heads_first: bool) -> torch.Tensor:
+        return lse.contiguous() if heads_first else lse.transpose(0, 1).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,39 +310,40 @@ class _GroupedSceneAttention(torch.autograd.Function):
         out = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         regions = _regions(plan)
-        if backend == "flash":
-            packed_q = _VarlenKernel.pack_regions(query, regions)
-            packed_k = _VarlenKernel.pack_regions(key, regions)
-            packed_v = _VarlenKernel.pack_regions(value, regions)
         saved_aux: Dict[Any, Any] = {}
         for q_kind, blocks in plan.items():
             q0, q1 = regions[q_kind]
             for block_index, (k_kind, groups) in enumerate(blocks):
+                # pieces: (batch items, first query row, output (b, H, rows, D), LSE (b, H, rows))
+                pieces = []
                 if backend == "flash":
-                    cu_q, max_q = _VarlenKernel.cu_seqlens(groups, batch, 0, query.device)
-                    cu_k, max_k = _VarlenKernel.cu_seqlens(groups, batch, 1, query.device)
-                    o, l, aux = _varlen_forward(
-                        packed_q[q_kind], packed_k[k_kind], packed_v[k_kind], cu_q, cu_k, max_q, max_k, scale
-                    )
-                    l, heads_first = _VarlenKernel.lse_to_bhl(l, batch, heads)
-                    saved_aux[(q_kind, block_index)] = (cu_q, cu_k, max_q, max_k, aux, heads_first)
-                    pieces = [(q0, _VarlenKernel.unpack(o, batch), l)]
+                    cu_q, max_q = _VarlenKernel.cu_seqlens(groups, 0, query.device)
+                    cu_k, max_k = _VarlenKernel.cu_seqlens(groups, 1, query.device)
+                    for item in range(batch):
+                        o, l, aux = _varlen_forward(
+                            _VarlenKernel.pack(query, item, regions[q_kind]),
+                            _VarlenKernel.pack(key, item, regions[k_kind]),
+                            _VarlenKernel.pack(value, item, regions[k_kind]),
+                            cu_q, cu_k, max_q, max_k, scale,
+                        )
+                        l, heads_first = _VarlenKernel.lse_to_hl(l, heads)
+                        saved_aux[(q_kind, block_index, item)] = (cu_q, cu_k, max_q, max_k, aux, heads_first)
+                        pieces.append((slice(item, item + 1), q0, _VarlenKernel.unpack(o), l.unsqueeze(0)))
                 else:
                     kernel = _kernel_for(query, backend)
-                    pieces = []
                     for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
                         o_g, l_g, aux = kernel.forward(
                             query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1], value[:, :, g_k0:g_k1], scale
                         )
                         saved_aux[(q_kind, block_index, group_index)] = aux
-                        pieces.append((g_q0, o_g, l_g))
-                for start, o, l in pieces:
+                        pieces.append((slice(None), g_q0, o_g, l_g))
+                for items, start, o, l in pieces:
                     rows = slice(start, start + o.shape[2])
                     if block_index == 0:
-                        out[:, :, rows] = o
-                        lse[:, :, rows] = l
+                        out[items, :, rows] = o
+                        lse[items, :, rows] = l
                     else:
-                        _merge_into(out, lse, start, o, l)
+                        _merge_into(out[items], lse[items], start, o, l)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.plan, ctx.backend, ctx.scale, ctx.aux = plan, backend, scale, saved_aux
         return out
@@ -356,26 +356,23 @@ class _GroupedSceneAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
         grad_out = grad_out.to(query.dtype)
         regions = _regions(ctx.plan)
-        if ctx.backend == "flash":
-            packed_q = _VarlenKernel.pack_regions(query, regions)
-            packed_k = _VarlenKernel.pack_regions(key, regions)
-            packed_v = _VarlenKernel.pack_regions(value, regions)
-            packed_do = _VarlenKernel.pack_regions(grad_out, regions)
-            packed_out = _VarlenKernel.pack_regions(out, regions)
         for q_kind, blocks in ctx.plan.items():
             q0, q1 = regions[q_kind]
             for block_index, (k_kind, groups) in enumerate(blocks):
                 if ctx.backend == "flash":
-                    cu_q, cu_k, max_q, max_k, aux, heads_first = ctx.aux[(q_kind, block_index)]
-                    dq, dk, dv = _varlen_backward(
-                        packed_do[q_kind], packed_q[q_kind], packed_k[k_kind], packed_v[k_kind], packed_out[q_kind],
-                        _VarlenKernel.lse_from_bhl(lse[:, :, q0:q1], heads_first), cu_q, cu_k, max_q, max_k,
-                        ctx.scale, aux,
-                    )
-                    k0, k1 = regions[k_kind]
-                    grad_q[:, :, q0:q1] += _VarlenKernel.unpack(dq, batch)
-                    grad_k[:, :, k0:k1] += _VarlenKernel.unpack(dk, batch)
-                    grad_v[:, :, k0:k1] += _VarlenKernel.unpack(dv, batch)
+                    (k0, k1), q_rows = regions[k_kind], regions[q_kind]
+                    for item in range(batch):
+                        cu_q, cu_k, max_q, max_k, aux, heads_first = ctx.aux[(q_kind, block_index, item)]
+                        dq, dk, dv = _varlen_backward(
+                            _VarlenKernel.pack(grad_out, item, q_rows), _VarlenKernel.pack(query, item, q_rows),
+                            _VarlenKernel.pack(key, item, (k0, k1)), _VarlenKernel.pack(value, item, (k0, k1)),
+                            _VarlenKernel.pack(out, item, q_rows),
+                            _VarlenKernel.lse_from_hl(lse[item, :, q0:q1], heads_first), cu_q, cu_k, max_q, max_k,
+                            ctx.scale, aux,
+                        )
+                        grad_q[item : item + 1, :, q0:q1] += _VarlenKernel.unpack(dq)
+                        grad_k[item : item + 1, :, k0:k1] += _VarlenKernel.unpack(dk)
+                        grad_v[item : item + 1, :, k0:k1] += _VarlenKernel.unpack(dv)
                     continue
                 kernel = _kernel_for(query, ctx.backend)
                 for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
