@@ -14,6 +14,14 @@ shape, then timed round-robin (median), then its peak extra memory is measured i
     python benchmarks/bench_attention.py            # CPU, fp32, the issue's CPU shapes
     python benchmarks/bench_attention.py --quick    # tiny shapes, seconds
     python benchmarks/bench_attention.py --device cuda --dtype bfloat16   # paper scale
+
+Without a GPU, ``--estimate-memory`` gives each method's peak extra memory at the paper's scale (bf16,
+batch 1 as in training and 2 as with classifier-free guidance) from a run on fake tensors (shapes and
+dtypes only; see bench_training.py), ours[flash] routed as on an sm80+ GPU. The dense-mask method is
+represented by its L×L boolean mask alone: what CUDA's SDPA adds for a mask (an additive copy, a
+different kernel) depends on the kernel it picks, so that column is a lower bound.
+
+    python benchmarks/bench_attention.py --estimate-memory
 """
 
 from __future__ import annotations
@@ -214,11 +222,78 @@ def run_shape(shape, args, device, dtype) -> Dict[str, Any]:
     return result
 
 
+def estimate_memory(shape, batch: int, dtype: torch.dtype) -> Dict[str, Dict[str, int]]:
+    """Peak extra bytes (forward, forward+backward) of each method at ``shape``, on fake tensors."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffusers_mask2dit import attention
+
+    n, text, video, heads, dim = shape
+    layout = SceneLayout.uniform(n, text, video)
+    cpu = torch.device("cpu")
+    methods = {
+        "ours[flash]": lambda q, k, v: scene_attention(q, k, v, layout, "v2", backend="flash"),
+        "ours[sdpa]": lambda q, k, v: scene_attention(q, k, v, layout, "v2", backend="sdpa"),
+        "unmasked": unmasked_attention,
+        "authors": lambda q, k, v: authors_scene_attention(q, k, v, layout),
+    }
+    figures: Dict[str, Dict[str, int]] = {}
+    # fake CPU tensors stand in for CUDA ones (a CPU build cannot make fake CUDA tensors): take each backend as named
+    with FakeTensorMode(), mock.patch.object(attention, "resolve_backend", lambda backend, query: backend):
+        q, k, v = (torch.empty(batch, heads, layout.total, dim, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad_out = torch.empty(batch, heads, layout.total, dim, dtype=dtype)
+        for name, fn in methods.items():
+            with torch.no_grad():
+                forward = common.measure_memory(lambda: fn(q, k, v), cpu)
+            both = common.measure_memory(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out), cpu)
+            figures[name] = {"forward": forward, "forward_backward": both}
+    mask_bytes = layout.total * layout.total  # one byte per pair
+    figures["dense_mask (mask only)"] = {"forward": mask_bytes, "forward_backward": mask_bytes}
+    return figures
+
+
+def estimate_main(args, shapes) -> Dict[str, Any]:
+    dtype = common.DTYPES.get(args.dtype or "bfloat16", torch.bfloat16)
+    info = common.machine_info(torch.device("cpu"))
+    print(f"attention memory estimate (fake tensors, GPU kernels), {str(dtype)[6:]}, {info['date']}", flush=True)
+    results = []
+    for shape in shapes:
+        for batch in (1, 2):
+            figures = estimate_memory(shape, batch, dtype)
+            ours, authors = figures["ours[flash]"], figures["authors"]
+            mask = figures["dense_mask (mask only)"]
+            ratios = {f"{mode}_ours_flash_over_authors": common.ratio(ours[mode], authors[mode])
+                      for mode in ("forward", "forward_backward")}
+            ratios.update({f"{mode}_ours_flash_over_dense_mask_bytes": common.ratio(ours[mode], mask[mode])
+                           for mode in ("forward", "forward_backward")})
+            results.append({"shape": dict(zip(("n", "text", "video", "heads", "dim"), shape)), "batch": batch,
+                            "peak_extra_bytes": figures, "ratios": ratios})
+            rows = [[name, common.fmt_bytes(f["forward"]), common.fmt_bytes(f["forward_backward"])]
+                    for name, f in figures.items()]
+            common.print_table(f"-- n={shape[0]} text={shape[1]} video={shape[2]} heads={shape[3]} dim={shape[4]}, "
+                               f"batch {batch}: estimated peak extra memory", ["method", "forward", "fwd+bwd"], rows)
+            print("   ratios: " + ", ".join(f"{k}={common.fmt_ratio(v)}" for k, v in ratios.items()), flush=True)
+    payload = {"benchmark": "attention_memory_estimate", "machine": info, "dtype": str(dtype)[6:],
+               "method": "FakeTensorMode; common.LiveBytes high-water of created tensors; dense mask = its bytes only",
+               "results": results}
+    common.save_json(payload, "attention", args, device_label="estimate")
+    return payload
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", type=parse_shape, default=None,
                         help="n,text,video,heads,dim per scene (repeatable); default: the issue's shapes")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="no GPU needed: peak memory of each method at the GPU shapes, from fake tensors")
     args = parser.parse_args(argv)
+    if args.estimate_memory:
+        if args.device != "cpu":
+            raise SystemExit("--estimate-memory runs on fake tensors; leave --device out.")
+        common.setup(args)
+        return estimate_main(args, args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES))
     env = common.setup(args)
     device, dtype = env["device"], env["dtype"]
     if args.repeats is None:

@@ -147,3 +147,27 @@ def test_conditional_sample_needs_the_memory_of_an_unconditional_one():
     unconditional = bench.step_peak_memory("quick", "lora", "v2", **kwargs)["peak_extra_bytes"]
     conditional = bench.step_peak_memory("quick", "lora", "v2", conditional=True, **kwargs)["peak_extra_bytes"]
     assert abs(conditional - unconditional) < 0.01 * unconditional
+
+
+def test_attention_memory_estimate_equals_real_cpu_runs(tmp_path):
+    # `bench_attention.py --estimate-memory` runs the methods on fake tensors; on CPU the same calls on real
+    # tensors, measured by the same LiveBytes, must give the same bytes (fp32: no dtype-dependent kernel detail).
+    bench = _load("bench_attention")
+    common = _load("common")
+    shape = (3, 8, 24, 2, 16)
+    estimated = bench.estimate_memory(shape, batch=2, dtype=torch.float32)
+    from diffusers_mask2dit import SceneLayout, scene_attention
+
+    layout = SceneLayout.uniform(*shape[:3])
+    q, k, v = (torch.randn(2, 2, layout.total, 16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    real = {
+        "ours[sdpa]": lambda: scene_attention(q, k, v, layout, "v2", backend="sdpa"),
+        "authors": lambda: bench.authors_scene_attention(q, k, v, layout),
+    }
+    for name, fn in real.items():
+        both = common.measure_memory(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), torch.device("cpu"))
+        assert estimated[name]["forward_backward"] == both, name
+    assert estimated["dense_mask (mask only)"]["forward"] == layout.total**2
+    payload = bench.main(["--estimate-memory", "--quick", "--output", str(tmp_path / "estimate.json")])
+    assert {r["batch"] for r in payload["results"]} == {1, 2}
