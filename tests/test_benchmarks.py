@@ -5,6 +5,7 @@ No timing is asserted: only that each script runs, checks itself and writes the 
 
 import importlib.util
 import json
+import logging
 import os
 import sys
 
@@ -24,10 +25,17 @@ def _load(name):
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
+def _restore_global_settings():
+    # the scripts set threads and quiet the loggers for their tables: give the other tests theirs back
+    from diffusers.utils import logging as diffusers_logging
+
     threads = torch.get_num_threads()
+    package_logger = logging.getLogger("diffusers_mask2dit")
+    level, verbosity = package_logger.level, diffusers_logging.get_verbosity()
     yield
     torch.set_num_threads(threads)
+    package_logger.setLevel(level)
+    diffusers_logging.set_verbosity(verbosity)
 
 
 def _run(name, tmp_path, *extra):
