@@ -254,8 +254,7 @@ def estimate_memory(shape, batch: int, dtype: torch.dtype) -> Dict[str, Dict[str
     return figures
 
 
-def estimate_main(args, shapes) -> Dict[str, Any]:
-    dtype = common.DTYPES.get(args.dtype or "bfloat16", torch.bfloat16)
+def estimate_main(args, shapes, dtype: torch.dtype) -> Dict[str, Any]:
     info = common.machine_info(torch.device("cpu"))
     print(f"attention memory estimate (fake tensors, GPU kernels), {str(dtype)[6:]}, {info['date']}", flush=True)
     results = []
@@ -290,10 +289,8 @@ def main(argv=None) -> Dict[str, Any]:
                         help="no GPU needed: peak memory of each method at the GPU shapes, from fake tensors")
     args = parser.parse_args(argv)
     if args.estimate_memory:
-        if args.device != "cpu":
-            raise SystemExit("--estimate-memory runs on fake tensors; leave --device out.")
-        common.setup(args)
-        return estimate_main(args, args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES))
+        dtype = common.setup_estimate(args)
+        return estimate_main(args, args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES), dtype)
     env = common.setup(args)
     device, dtype = env["device"], env["dtype"]
     if args.repeats is None:

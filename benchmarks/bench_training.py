@@ -57,7 +57,7 @@ def prepare_model(size: str, device: torch.device, dtype: torch.dtype, mode: str
                   checkpointing: bool) -> torch.nn.Module:
     """A random Mask²DiT transformer of ``size`` set up for ``mode`` by the trainer's own ``setup_finetuning``:
     "lora" = frozen weights in ``dtype`` + fp32 adapters; "full" = fp32 master weights (the forward is
-    autocast to ``dtype``, see :func:`mixed_precision`), as `mask2dit train` runs them."""
+    autocast to ``dtype``, see :func:`optimizer_step`), as `mask2dit train` runs them."""
     from diffusers_mask2dit.training.config import TrainingConfig
     from diffusers_mask2dit.training.trainer import setup_finetuning
 
@@ -71,9 +71,17 @@ def prepare_model(size: str, device: torch.device, dtype: torch.dtype, mode: str
     return model.train()
 
 
-def mixed_precision(device: torch.device, dtype: torch.dtype):
-    """The trainer's mixed precision (accelerate autocasts the forward to bf16/fp16); nothing for fp32."""
-    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any,
+                   prompt_embeds: torch.Tensor, mask: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One training update as the trainer makes it: the forward autocast to ``dtype`` (accelerate's mixed
+    precision; nothing for fp32), v-prediction loss, backward, AdamW step. Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    with autocast:
+        loss = training_loss(model, batch, prompt_embeds, mask, dtype)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def step_peak_memory(
@@ -143,14 +151,8 @@ def step_peak_memory(
         optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True if gpu_kernels else None)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with mixed_precision(torch.device("cpu"), dtype):
-                loss = training_loss(model, batch, prompt_embeds, mask, dtype)
-            loss.backward()
-            optimizer.step()
-
-        extra = common.measure_memory(step, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        extra = common.measure_memory(lambda: optimizer_step(model, optimizer, batch, prompt_embeds, mask, dtype, cpu), cpu)
     return {"weights_bytes": weights, "peak_extra_bytes": extra, "peak_total_bytes": weights + extra}
 
 
@@ -211,10 +213,7 @@ def main(argv=None) -> Dict[str, Any]:
                         help="no GPU needed: estimate the peak memory of a CUDA training step with fake tensors")
     args = parser.parse_args(argv)
     if args.estimate_memory:
-        if args.device != "cpu":
-            raise SystemExit("--estimate-memory runs on fake tensors; leave --device out.")
-        setup_dtype = common.setup(args)["dtype"]  # also quiets diffusers' notices
-        dtype = setup_dtype if args.dtype else torch.bfloat16  # as on CUDA
+        dtype = common.setup_estimate(args)
         size = args.model or ("quick" if args.quick else "cogvideox-5b")
         checkpointing = args.checkpointing if args.checkpointing is not None else True
         return estimate(args, size, dtype, checkpointing)
@@ -263,14 +262,9 @@ def main(argv=None) -> Dict[str, Any]:
 
             def step_fn(mask: str, seed: int = 0) -> Callable[[], float]:
                 def step():
-                    optimizer_ = state["optimizer"]
-                    optimizer_.zero_grad(set_to_none=True)
                     batch = prepare_diffusion_batch(latents, None, scene_frames, torch.tensor([seed]), scheduler,
                                                     cond_prob=0.0)
-                    with mixed_precision(device, dtype):
-                        loss = training_loss(model, batch, prompt_embeds, mask, dtype)
-                    loss.backward()
-                    optimizer_.step()
+                    loss = optimizer_step(model, state["optimizer"], batch, prompt_embeds, mask, dtype, device)
                     return float(loss.detach())
                 return step
 

@@ -84,6 +84,15 @@ def setup(args: argparse.Namespace) -> Dict[str, Any]:
     return {"device": device, "dtype": dtype}
 
 
+def setup_estimate(args: argparse.Namespace) -> torch.dtype:
+    """``--estimate-memory``: what :func:`setup` does, for fake tensors on the CPU standing in for CUDA ones;
+    returns the dtype, bf16 unless ``--dtype`` says otherwise (CUDA's default here)."""
+    if args.device != "cpu":
+        raise SystemExit("--estimate-memory runs on fake tensors; leave --device out.")
+    dtype = setup(args)["dtype"]
+    return dtype if args.dtype else torch.bfloat16
+
+
 # --------------------------------------------------------------------------------------------------
 # Machine information
 # --------------------------------------------------------------------------------------------------

@@ -360,13 +360,13 @@ class _GroupedSceneAttention(torch.autograd.Function):
             q0, q1 = regions[q_kind]
             for block_index, (k_kind, groups) in enumerate(blocks):
                 if ctx.backend == "flash":
-                    (k0, k1), q_rows = regions[k_kind], regions[q_kind]
+                    k0, k1 = regions[k_kind]
                     for item in range(batch):
                         cu_q, cu_k, max_q, max_k, aux, heads_first = ctx.aux[(q_kind, block_index, item)]
                         dq, dk, dv = _varlen_backward(
-                            _VarlenKernel.pack(grad_out, item, q_rows), _VarlenKernel.pack(query, item, q_rows),
+                            _VarlenKernel.pack(grad_out, item, (q0, q1)), _VarlenKernel.pack(query, item, (q0, q1)),
                             _VarlenKernel.pack(key, item, (k0, k1)), _VarlenKernel.pack(value, item, (k0, k1)),
-                            _VarlenKernel.pack(out, item, q_rows),
+                            _VarlenKernel.pack(out, item, (q0, q1)),
                             _VarlenKernel.lse_from_hl(lse[item, :, q0:q1], heads_first), cu_q, cu_k, max_q, max_k,
                             ctx.scale, aux,
                         )
