@@ -10,12 +10,20 @@ The LSEs the kernels return carry no gradient, so the merge has its own backward
 backward is called with the *merged* output and LSE, which yields that block's exact share of dq, dk,
 dv (the identity flash/ring attention rely on). Extra memory is O(L·H·D): one block's output at a time,
 one LSE per query, and fp32 merge temporaries for a bounded chunk of rows.
+
+Backends live in a registry, as in diffusers' attention dispatcher: each :class:`AttentionBackend` has a
+name, the constraints it needs (device, dtype, head size, a runtime availability check such as an
+installed package) and either a *block kernel* (the protocol below, run through the LSE merge) or a
+plain differentiable function. ``"auto"`` picks the highest-priority backend whose constraints hold.
+Adding a backend is one :func:`register_attention_backend` call. What a caller chooses (mask variant,
+backend) is validated once, by :class:`SceneAttentionOptions`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +39,12 @@ from .layout import (
     check_mask_variant,
 )
 
-BACKENDS = ("auto", "flash", "sdpa", "dense")
-
 # A group is one attention call: (q_start, q_end, k_start, k_end) in sequence positions.
 Group = Tuple[int, int, int, int]
 
 
 # --------------------------------------------------------------------------------------------------
-# Block kernels. Each takes (B, H, Lq, D) query and (B, H, Lk, D) key/value slices and returns the output
+# Per-call kernels. Each takes (B, H, Lq, D) query and (B, H, Lk, D) key/value slices and returns the output
 # (B, H, Lq, D) and the fp32 LSE (B, H, Lq); `backward` takes the merged output/LSE of the same rows.
 # --------------------------------------------------------------------------------------------------
 
@@ -157,16 +163,6 @@ def _flash_attn_package():
         return None
 
 
-def flash_varlen_available(device: Optional[torch.device] = None) -> bool:
-    """Whether the ``"flash"`` backend can run: a CUDA device with sm80+ and a varlen FlashAttention."""
-    if not torch.cuda.is_available():
-        return False
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return False
-    return _flash_attn_package() is not None or hasattr(torch.ops.aten, "_flash_attention_forward")
-
-
 def _call_with_supported_kwargs(fn: Callable, *args, **kwargs):
     """flash-attn renamed its private arguments across releases; pass only those this release takes."""
     import inspect
@@ -246,6 +242,93 @@ class _VarlenKernel:
 
 
 # --------------------------------------------------------------------------------------------------
+# Block kernels: the one forward/backward protocol every grouped backend implements.
+# --------------------------------------------------------------------------------------------------
+
+# One piece of a block's output: (batch items, first query row, output (b, H, rows, D), LSE fp32 (b, H, rows)).
+Piece = Tuple[slice, int, torch.Tensor, torch.Tensor]
+
+
+class BlockKernel(Protocol):
+    """Runs one block of the plan (:func:`_plan`): the groups between one query region and one key region.
+
+    ``query``, ``key``, ``value`` are the whole ``(B, H, L, D)`` tensors; ``groups`` are
+    ``(q_start, q_end, k_start, k_end)`` tiling ``q_region`` and ``k_region`` (sequence positions).
+    """
+
+    def forward(self, query, key, value, groups: List["Group"], q_region, k_region, scale: float) -> Tuple[List[Piece], Any]:
+        """The block's attention as pieces that tile ``q_region``, and what its backward needs (``aux``)."""
+
+    def backward(self, grad_out, query, key, value, out, lse, groups, q_region, k_region, scale, aux, grads) -> None:
+        """Add the block's share of dq, dk, dv into ``grads = (grad_q, grad_k, grad_v)`` (each ``(B, H, L, D)``)
+        in place. ``out (B, H, L, D)`` and ``lse (B, H, L)`` are the *merged* result of all blocks of these rows."""
+
+
+class _PerGroupBlockKernel:
+    """Block kernel of the ``"sdpa"`` backend: one fused-kernel call per group, all batch items at once."""
+
+    @staticmethod
+    def forward(query, key, value, groups, q_region, k_region, scale):
+        kernel = _kernel_for(query, "sdpa")
+        pieces, aux = [], []
+        for g_q0, g_q1, g_k0, g_k1 in groups:
+            o_g, l_g, aux_g = kernel.forward(query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1], value[:, :, g_k0:g_k1], scale)
+            aux.append(aux_g)
+            pieces.append((slice(None), g_q0, o_g, l_g))
+        return pieces, aux
+
+    @staticmethod
+    def backward(grad_out, query, key, value, out, lse, groups, q_region, k_region, scale, aux, grads):
+        kernel = _kernel_for(query, "sdpa")
+        grad_q, grad_k, grad_v = grads
+        for (g_q0, g_q1, g_k0, g_k1), aux_g in zip(groups, aux):
+            dq, dk, dv = kernel.backward(
+                grad_out[:, :, g_q0:g_q1], query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1], value[:, :, g_k0:g_k1],
+                out[:, :, g_q0:g_q1], lse[:, :, g_q0:g_q1].contiguous(), scale, aux_g,
+            )
+            grad_q[:, :, g_q0:g_q1] += dq
+            grad_k[:, :, g_k0:g_k1] += dk
+            grad_v[:, :, g_k0:g_k1] += dv
+
+
+class _VarlenBlockKernel:
+    """Block kernel of the ``"flash"`` backend: all groups of a block in one varlen call per batch item."""
+
+    @staticmethod
+    def forward(query, key, value, groups, q_region, k_region, scale):
+        heads = query.shape[1]
+        cu_q, max_q = _VarlenKernel.cu_seqlens(groups, 0, query.device)
+        cu_k, max_k = _VarlenKernel.cu_seqlens(groups, 1, query.device)
+        pieces, aux = [], []
+        for item in range(query.shape[0]):
+            o, l, aux_item = _varlen_forward(
+                _VarlenKernel.pack(query, item, q_region),
+                _VarlenKernel.pack(key, item, k_region),
+                _VarlenKernel.pack(value, item, k_region),
+                cu_q, cu_k, max_q, max_k, scale,
+            )
+            l, heads_first = _VarlenKernel.lse_to_hl(l, heads)
+            aux.append((cu_q, cu_k, max_q, max_k, aux_item, heads_first))
+            pieces.append((slice(item, item + 1), q_region[0], _VarlenKernel.unpack(o), l.unsqueeze(0)))
+        return pieces, aux
+
+    @staticmethod
+    def backward(grad_out, query, key, value, out, lse, groups, q_region, k_region, scale, aux, grads):
+        (q0, q1), (k0, k1) = q_region, k_region
+        grad_q, grad_k, grad_v = grads
+        for item, (cu_q, cu_k, max_q, max_k, aux_item, heads_first) in enumerate(aux):
+            dq, dk, dv = _varlen_backward(
+                _VarlenKernel.pack(grad_out, item, q_region), _VarlenKernel.pack(query, item, q_region),
+                _VarlenKernel.pack(key, item, k_region), _VarlenKernel.pack(value, item, k_region),
+                _VarlenKernel.pack(out, item, q_region),
+                _VarlenKernel.lse_from_hl(lse[item, :, q0:q1], heads_first), cu_q, cu_k, max_q, max_k, scale, aux_item,
+            )
+            grad_q[item : item + 1, :, q0:q1] += _VarlenKernel.unpack(dq)
+            grad_k[item : item + 1, :, k0:k1] += _VarlenKernel.unpack(dk)
+            grad_v[item : item + 1, :, k0:k1] += _VarlenKernel.unpack(dv)
+
+
+# --------------------------------------------------------------------------------------------------
 # The grouped plan and its autograd function.
 # --------------------------------------------------------------------------------------------------
 
@@ -298,7 +381,8 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, start: int, part_out: torc
 
 
 class _GroupedSceneAttention(torch.autograd.Function):
-    """Runs a plan of blocks, merging each query region's blocks through their LSEs; exact backward.
+    """Runs a plan of blocks with a registered backend's block kernel, merging each query region's blocks
+    through their LSEs; exact backward.
 
     The first block of a region writes its output straight into ``out``; later blocks are folded in place
     (:func:`_merge_into`), so no per-block copy of the region is kept.
@@ -306,37 +390,16 @@ class _GroupedSceneAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, plan, backend, scale):
-        batch, heads = query.shape[:2]
+        kernel = _block_kernel(backend)
         out = torch.empty_like(query)
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
         regions = _regions(plan)
-        saved_aux: Dict[Any, Any] = {}
+        saved_aux: Dict[Tuple[str, int], Any] = {}
         for q_kind, blocks in plan.items():
-            q0, q1 = regions[q_kind]
             for block_index, (k_kind, groups) in enumerate(blocks):
-                # pieces: (batch items, first query row, output (b, H, rows, D), LSE (b, H, rows))
-                pieces = []
-                if backend == "flash":
-                    cu_q, max_q = _VarlenKernel.cu_seqlens(groups, 0, query.device)
-                    cu_k, max_k = _VarlenKernel.cu_seqlens(groups, 1, query.device)
-                    for item in range(batch):
-                        o, l, aux = _varlen_forward(
-                            _VarlenKernel.pack(query, item, regions[q_kind]),
-                            _VarlenKernel.pack(key, item, regions[k_kind]),
-                            _VarlenKernel.pack(value, item, regions[k_kind]),
-                            cu_q, cu_k, max_q, max_k, scale,
-                        )
-                        l, heads_first = _VarlenKernel.lse_to_hl(l, heads)
-                        saved_aux[(q_kind, block_index, item)] = (cu_q, cu_k, max_q, max_k, aux, heads_first)
-                        pieces.append((slice(item, item + 1), q0, _VarlenKernel.unpack(o), l.unsqueeze(0)))
-                else:
-                    kernel = _kernel_for(query, backend)
-                    for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
-                        o_g, l_g, aux = kernel.forward(
-                            query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1], value[:, :, g_k0:g_k1], scale
-                        )
-                        saved_aux[(q_kind, block_index, group_index)] = aux
-                        pieces.append((slice(None), g_q0, o_g, l_g))
+                pieces, saved_aux[(q_kind, block_index)] = kernel.forward(
+                    query, key, value, groups, regions[q_kind], regions[k_kind], scale
+                )
                 for items, start, o, l in pieces:
                     rows = slice(start, start + o.shape[2])
                     if block_index == 0:
@@ -351,68 +414,232 @@ class _GroupedSceneAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
-        batch, heads = query.shape[:2]
+        kernel = _block_kernel(ctx.backend)
         # Each block adds its share in place: no fp32 copies of q, k, v beside the gradients themselves.
-        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        grads = (torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value))
         grad_out = grad_out.to(query.dtype)
         regions = _regions(ctx.plan)
         for q_kind, blocks in ctx.plan.items():
-            q0, q1 = regions[q_kind]
             for block_index, (k_kind, groups) in enumerate(blocks):
-                if ctx.backend == "flash":
-                    k0, k1 = regions[k_kind]
-                    for item in range(batch):
-                        cu_q, cu_k, max_q, max_k, aux, heads_first = ctx.aux[(q_kind, block_index, item)]
-                        dq, dk, dv = _varlen_backward(
-                            _VarlenKernel.pack(grad_out, item, (q0, q1)), _VarlenKernel.pack(query, item, (q0, q1)),
-                            _VarlenKernel.pack(key, item, (k0, k1)), _VarlenKernel.pack(value, item, (k0, k1)),
-                            _VarlenKernel.pack(out, item, (q0, q1)),
-                            _VarlenKernel.lse_from_hl(lse[item, :, q0:q1], heads_first), cu_q, cu_k, max_q, max_k,
-                            ctx.scale, aux,
-                        )
-                        grad_q[item : item + 1, :, q0:q1] += _VarlenKernel.unpack(dq)
-                        grad_k[item : item + 1, :, k0:k1] += _VarlenKernel.unpack(dk)
-                        grad_v[item : item + 1, :, k0:k1] += _VarlenKernel.unpack(dv)
-                    continue
-                kernel = _kernel_for(query, ctx.backend)
-                for group_index, (g_q0, g_q1, g_k0, g_k1) in enumerate(groups):
-                    dq, dk, dv = kernel.backward(
-                        grad_out[:, :, g_q0:g_q1], query[:, :, g_q0:g_q1], key[:, :, g_k0:g_k1],
-                        value[:, :, g_k0:g_k1], out[:, :, g_q0:g_q1], lse[:, :, g_q0:g_q1].contiguous(), ctx.scale,
-                        ctx.aux[(q_kind, block_index, group_index)],
-                    )
-                    grad_q[:, :, g_q0:g_q1] += dq
-                    grad_k[:, :, g_k0:g_k1] += dk
-                    grad_v[:, :, g_k0:g_k1] += dv
-        return grad_q, grad_k, grad_v, None, None, None
+                kernel.backward(
+                    grad_out, query, key, value, out, lse, groups, regions[q_kind], regions[k_kind], ctx.scale,
+                    ctx.aux[(q_kind, block_index)], grads,
+                )
+        return (*grads, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
-# Public entry point.
+# The backend registry.
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One way to run scene attention, and what it needs to run.
+
+    Exactly one of:
+        block_kernel: a :class:`BlockKernel`; the backend then runs the plan's blocks merged through
+            their LSEs, with the exact merged backward (:class:`_GroupedSceneAttention`).
+        attend: ``(query, key, value, layout, variant, scale) -> (B, H, L, D)`` for ``(B, H, L, D)``
+            inputs, differentiable by autograd.
+
+    Constraints, checked against the query before the backend runs (:meth:`unmet_constraint`):
+        device_types: device types it runs on (``("cuda",)``); None means any.
+        dtypes: dtypes it takes; None means any.
+        max_head_dim: largest head size it takes; None means any.
+        unavailable: ``device -> reason or None``, for what only a runtime check can tell (a package that
+            must be installed, a GPU generation).
+    auto_priority: ``"auto"`` takes the highest-priority backend whose constraints hold; None means the
+        backend runs only when asked for by name.
+    """
+
+    name: str
+    block_kernel: Optional[BlockKernel] = None
+    attend: Optional[Callable[..., torch.Tensor]] = None
+    device_types: Optional[Tuple[str, ...]] = None
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None
+    max_head_dim: Optional[int] = None
+    unavailable: Optional[Callable[[torch.device], Optional[str]]] = None
+    auto_priority: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name == "auto":
+            raise ValueError(f"An attention backend needs a name other than 'auto', got {self.name!r}.")
+        if (self.block_kernel is None) == (self.attend is None):
+            raise ValueError(f"Attention backend {self.name!r} needs exactly one of `block_kernel` and `attend`.")
+
+    def unmet_constraint(self, query: torch.Tensor) -> Optional[str]:
+        """Why this backend cannot run on ``query (B, H, L, D)``, or None when it can."""
+        if self.device_types is not None and query.device.type not in self.device_types:
+            wanted = " or ".join(t.upper() for t in self.device_types)
+            return f"it needs a {wanted} device, got {query.device.type}"
+        if self.dtypes is not None and query.dtype not in self.dtypes:
+            wanted = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"it needs {wanted} tensors, got {str(query.dtype).replace('torch.', '')}"
+        if self.max_head_dim is not None and query.shape[-1] > self.max_head_dim:
+            return f"it needs a head size of at most {self.max_head_dim}, got {query.shape[-1]}"
+        return self.unavailable(query.device) if self.unavailable is not None else None
+
+    def run(self, query, key, value, layout: SceneLayout, variant: str, scale: float) -> torch.Tensor:
+        """Masked attention ``(B, H, L, D)`` of ``layout``'s sequence under mask ``variant``."""
+        if self.block_kernel is not None:
+            return _GroupedSceneAttention.apply(query, key, value, _plan(layout, variant), self.name, scale)
+        return self.attend(query, key, value, layout, variant, scale)
+
+
+_ATTENTION_BACKENDS: Dict[str, AttentionBackend] = {}
+
+
+def register_attention_backend(backend: AttentionBackend, replace: bool = False) -> AttentionBackend:
+    """Add ``backend`` to the registry (``replace=True`` to swap out one of the same name); returns it."""
+    if not isinstance(backend, AttentionBackend):
+        raise ValueError(f"`backend` must be an AttentionBackend, got {type(backend).__name__}.")
+    if backend.name in _ATTENTION_BACKENDS and not replace:
+        raise ValueError(f"An attention backend named {backend.name!r} is already registered; pass replace=True.")
+    _ATTENTION_BACKENDS[backend.name] = backend
+    return backend
+
+
+def attention_backend_names() -> Tuple[str, ...]:
+    """``"auto"`` and the names of all registered backends."""
+    return ("auto", *_ATTENTION_BACKENDS)
+
+
+def check_backend_name(backend: object, name: str = "backend") -> str:
+    """``backend`` if it is ``"auto"`` or a registered backend's name, else a ValueError naming ``name``."""
+    names = attention_backend_names()
+    if not isinstance(backend, str) or backend not in names:
+        raise ValueError(f"`{name}` must be one of {list(names)}, got {backend!r}.")
+    return backend
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """The registered backend called ``name`` (not ``"auto"``: see :func:`resolve_backend`)."""
+    if name not in _ATTENTION_BACKENDS:
+        raise ValueError(f"No attention backend named {name!r}; registered: {list(_ATTENTION_BACKENDS)}.")
+    return _ATTENTION_BACKENDS[name]
+
+
+def _block_kernel(name: str) -> BlockKernel:
+    kernel = get_attention_backend(name).block_kernel
+    if kernel is None:
+        raise ValueError(f"Attention backend {name!r} has no block kernel; run it through `scene_attention`.")
+    return kernel
+
+
+def _dense_attend(query, key, value, layout, variant, scale):
+    mask = build_dense_mask(layout, variant).to(query.device)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
+
+def _flash_unavailable(device: Optional[torch.device]) -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "it needs a CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"it needs an sm80+ GPU, got sm{major}{minor}"
+    if _flash_attn_package() is None and not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return "it needs a varlen FlashAttention (the flash-attn package, or PyTorch's own)"
+    return None
+
+
+register_attention_backend(AttentionBackend(
+    name="flash", block_kernel=_VarlenBlockKernel, device_types=("cuda",), dtypes=(torch.float16, torch.bfloat16),
+    max_head_dim=256, unavailable=_flash_unavailable, auto_priority=20,
+))
+register_attention_backend(AttentionBackend(name="sdpa", block_kernel=_PerGroupBlockKernel, auto_priority=10))
+# The reference: SDPA with the L×L boolean mask. Never picked by "auto" (O(L²) memory).
+register_attention_backend(AttentionBackend(name="dense", attend=_dense_attend))
+
+# The built-in names, for code that imported this tuple; attention_backend_names() is the live list.
+BACKENDS = attention_backend_names()
+
+
+def flash_varlen_available(device: Optional[torch.device] = None) -> bool:
+    """Whether the ``"flash"`` backend can run: a CUDA device with sm80+ and a varlen FlashAttention."""
+    return _flash_unavailable(device) is None
 
 
 def resolve_backend(backend: str, query: torch.Tensor) -> str:
-    """Map ``backend`` (``"auto"``, ``"flash"``, ``"sdpa"``, ``"dense"``) to the one that will run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
+    """The name of the backend that runs ``query (B, H, L, D)``: ``backend`` itself if its constraints
+    hold, or for ``"auto"`` the highest-priority backend whose constraints hold."""
+    check_backend_name(backend, "backend")
     if backend == "auto":
-        if (
-            query.is_cuda
-            and query.dtype in (torch.float16, torch.bfloat16)
-            and query.shape[-1] <= 256
-            and flash_varlen_available(query.device)
-        ):
-            return "flash"
-        return "sdpa"
-    if backend == "flash":
-        if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(
-                "`backend='flash'` needs fp16/bf16 tensors on a CUDA device; use 'sdpa' (any device) or 'auto'."
-            )
-        if not flash_varlen_available(query.device):
-            raise ValueError("`backend='flash'` needs an sm80+ GPU and a varlen FlashAttention (flash-attn or PyTorch).")
+        ranked = sorted(
+            (b for b in _ATTENTION_BACKENDS.values() if b.auto_priority is not None), key=lambda b: -b.auto_priority
+        )
+        for candidate in ranked:
+            if candidate.unmet_constraint(query) is None:
+                return candidate.name
+        raise ValueError(f"No attention backend can run {query.dtype} tensors on {query.device}.")
+    reason = get_attention_backend(backend).unmet_constraint(query)
+    if reason is not None:
+        raise ValueError(f"`backend={backend!r}` cannot run here: {reason}. Use 'auto' to pick one that can.")
     return backend
+
+
+# --------------------------------------------------------------------------------------------------
+# Options and the public entry points.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SceneAttentionOptions:
+    """What a caller chose for scene attention, validated once when made (and normalised).
+
+    Attributes:
+        mask: ``"v1"``, ``"v2"``, ``"v3"``, ``"full"`` (or the authors' numbers; stored as the name).
+        backend: ``"auto"`` or a registered backend's name (:func:`attention_backend_names`).
+        names: the parameter names the two values were given under, so that errors name what the
+            caller wrote; by default the ``attention_kwargs`` keys ``scene_mask`` and ``attention_backend``.
+    """
+
+    mask: str = DEFAULT_MASK_VARIANT
+    backend: str = "auto"
+    names: Tuple[str, str] = field(default=("scene_mask", "attention_backend"), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", check_mask_variant(self.mask, self.names[0]))
+        object.__setattr__(self, "backend", check_backend_name(self.backend, self.names[1]))
+
+    @classmethod
+    def split_attention_kwargs(
+        cls, attention_kwargs: Optional[Mapping[str, Any]], default_mask: str = DEFAULT_MASK_VARIANT
+    ) -> Tuple["SceneAttentionOptions", Dict[str, Any]]:
+        """The options given in ``attention_kwargs`` (keys ``scene_mask``, ``attention_backend``) and the
+        remaining keys, which go on to the attention processors. The mapping itself is not changed."""
+        rest = dict(attention_kwargs or {})
+        options = cls(rest.pop("scene_mask", default_mask), rest.pop("attention_backend", "auto"))
+        return options, rest
+
+
+def run_scene_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: SceneLayout,
+    options: SceneAttentionOptions,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """:func:`scene_attention` with already-validated ``options`` (what the attention processor calls).
+
+    ``query``, ``key``, ``value``: ``(B, H, L, D)``; returns ``(B, H, L, D)`` in ``query``'s dtype.
+    """
+    if query.dim() != 4 or key.shape != query.shape or value.shape[:3] != query.shape[:3]:
+        raise ValueError(
+            f"`query`, `key`, `value` must be (B, H, L, D) with equal B, H, L; got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}."
+        )
+    if not isinstance(layout, SceneLayout):
+        raise ValueError(f"`layout` must be a SceneLayout, got {type(layout).__name__}.")
+    layout.check_sequence_length(query.shape[2], "attention sequence")
+    backend = resolve_backend(options.backend, query)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+
+    # One scene, or no mask: every variant is plain attention.
+    if options.mask == "full" or layout.num_scenes == 1:
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+    return get_attention_backend(backend).run(query, key, value, layout, options.mask, scale)
 
 
 def scene_attention(
@@ -431,28 +658,12 @@ def scene_attention(
         layout: token counts per scene.
         mask: ``"v1"``, ``"v2"`` (default), ``"v3"`` or ``"full"`` (METHOD.md's table).
         backend: ``"flash"`` (varlen FlashAttention, CUDA), ``"sdpa"`` (fused SDPA kernels per group, any
-            device), ``"dense"`` (SDPA with the L×L boolean mask: the reference) or ``"auto"``.
+            device), ``"dense"`` (SDPA with the L×L boolean mask: the reference), ``"auto"``, or any
+            backend added with :func:`register_attention_backend`.
         scale: softmax scale, default ``1/sqrt(D)``.
 
     Returns:
         ``(B, H, L, D)``, the same dtype as ``query``.
     """
-    variant = check_mask_variant(mask, "mask")
-    if query.dim() != 4 or key.shape != query.shape or value.shape[:3] != query.shape[:3]:
-        raise ValueError(
-            f"`query`, `key`, `value` must be (B, H, L, D) with equal B, H, L; got {tuple(query.shape)}, "
-            f"{tuple(key.shape)}, {tuple(value.shape)}."
-        )
-    if not isinstance(layout, SceneLayout):
-        raise ValueError(f"`layout` must be a SceneLayout, got {type(layout).__name__}.")
-    layout.check_sequence_length(query.shape[2], "attention sequence")
-    backend = resolve_backend(backend, query)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-
-    # One scene, or no mask: every variant is plain attention.
-    if variant == "full" or layout.num_scenes == 1:
-        return F.scaled_dot_product_attention(query, key, value, scale=scale)
-    if backend == "dense":
-        mask_tensor = build_dense_mask(layout, variant).to(query.device)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask_tensor, scale=scale)
-    return _GroupedSceneAttention.apply(query, key, value, _plan(layout, variant), backend, scale)
+    options = SceneAttentionOptions(mask, backend, names=("mask", "backend"))
+    return run_scene_attention(query, key, value, layout, options, scale)
