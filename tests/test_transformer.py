@@ -38,11 +38,12 @@ def test_one_scene_reproduces_stock_cogvideox(style):
     rope = ours.rotary_embeddings(8, 8, frames, "cpu") if style != "2b" else None
     with torch.no_grad():
         expected = stock(x, text, t, image_rotary_emb=rope).sample
-        torch.testing.assert_close(ours(x, text, t).sample, expected, atol=1e-5, rtol=0)
-        # per-scene timesteps that are all equal are the same thing
-        torch.testing.assert_close(ours(x, text, t[:, None]).sample, expected, atol=1e-5, rtol=0)
         # with an explicit RoPE, as CogVideoXPipeline passes it
         torch.testing.assert_close(ours(x, text, t, image_rotary_emb=rope).sample, expected, atol=1e-5, rtol=0)
+        # per-scene timesteps that are all equal are the same thing
+        torch.testing.assert_close(ours(x, text, t[:, None], image_rotary_emb=rope).sample, expected, atol=1e-5, rtol=0)
+        # without RoPE the model runs without it, as stock does
+        torch.testing.assert_close(ours(x, text, t).sample, stock(x, text, t).sample, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("style", ["2b", "5b"])
@@ -66,7 +67,9 @@ def test_isolated_scenes_equal_separate_runs_at_their_positions():
     cos, sin = ours.rotary_embeddings(8, 8, sum(frames), "cpu")
     tokens_per_frame = 16
     with torch.no_grad():
-        joint = ours(x, text, t, scene_frames=frames, attention_kwargs={"scene_mask": "v1"}).sample
+        joint = ours(
+            x, text, t, scene_frames=frames, image_rotary_emb=(cos, sin), attention_kwargs={"scene_mask": "v1"}
+        ).sample
         start = 0
         for i, f in enumerate(frames):
             rows = slice(start * tokens_per_frame, (start + f) * tokens_per_frame)
@@ -76,7 +79,9 @@ def test_isolated_scenes_equal_separate_runs_at_their_positions():
             torch.testing.assert_close(joint[:, start : start + f], alone, atol=1e-5, rtol=1e-5)
             start += f
         # ...and the positions do matter: scene 2 run from position 0 differs.
-        second_from_zero = ours(x[:, 2:5], text[:, TEXT : 2 * TEXT], t[:, 1]).sample
+        second_from_zero = ours(
+            x[:, 2:5], text[:, TEXT : 2 * TEXT], t[:, 1], image_rotary_emb=ours.rotary_embeddings(8, 8, 3, "cpu")
+        ).sample
         assert (joint[:, 2:5] - second_from_zero).abs().max() > 1e-3
 
 

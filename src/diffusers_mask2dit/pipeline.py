@@ -37,7 +37,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 
 from .attention import BACKENDS
 from .layout import check_mask_variant
-from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, patch_aligned_frames
+from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, patch_aligned_frames, scene_rotary_emb
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -492,6 +492,10 @@ class Mask2DiTPipeline(CogVideoXPipeline):
 
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         old_pred_original_sample = None  # CogVideoXDPMScheduler's multistep state
+        # RoPE over all scenes' frames (context included), built once as CogVideoXPipeline does; None for 2b.
+        image_rotary_emb = scene_rotary_emb(
+            self.transformer.config, latents.shape[-2], latents.shape[-1], scene_frames, latents.device
+        )
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             if getattr(self, "_progress_desc", None):  # set by `generate_long`: which scene this loop makes
                 progress_bar.set_description(self._progress_desc)
@@ -522,6 +526,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
                         hidden_states=model_latents,
                         encoder_hidden_states=text_embeds,
                         timestep=timestep,
+                        image_rotary_emb=image_rotary_emb,
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
                         scene_frames=scene_frames,

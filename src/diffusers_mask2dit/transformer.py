@@ -1,4 +1,4 @@
-"""Scene-aware CogVideoX transformer: the Mask²DiT attention processor and model.
+"""Scene-aware CogVideoX transformer: the Mask²DiT attention processor, scene-aware norms and the model.
 
 `Mask2DiTTransformer3DModel` subclasses diffusers' `CogVideoXTransformer3DModel` and keeps its modules and
 state-dict keys, so it loads every CogVideoX transformer (2b sincos, 5b RoPE, 1.5 with `patch_size_t`) and
@@ -9,10 +9,23 @@ the authors' released one. What it adds:
 - per-scene timesteps ``(B, n)``: each scene's text and video tokens are modulated (norm1, norm2 of every
   block and the final norm) with their own scene's time embedding, which is how the segment-level
   conditional mask holds context scenes clean at timestep 0.
+
+Every block runs as a module through stock `CogVideoXBlock.forward`, so whatever diffusers hooks onto
+blocks (caches, group offloading, layerwise casting, gradient checkpointing) engages as on the stock model.
+The scene information travels in the blocks' own arguments, never in module or global state (which would
+break under threads, under hooks that replay or skip calls, and when gradient checkpointing recomputes a
+block during the backward pass, long after the forward has returned):
+
+- ``temb``: a `PerSceneEmbedding` (the ``(B, n, D)`` embeddings and the scene layout) in place of the
+  ``(B, D)`` tensor when scenes have their own timesteps. Stock blocks hand ``temb`` unchanged to
+  ``norm1``/``norm2``; those are `SceneLayerNormZero` here (the same modules, class swapped in place);
+- ``attention_kwargs``: ``scene_layout`` and ``scene_options``, which stock `Attention` passes on to
+  `Mask2DiTAttnProcessor`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,24 +33,31 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.normalization import AdaLayerNorm, CogVideoXLayerNormZero
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
-from .attention import scene_attention
+from .attention import SceneAttentionOptions, run_scene_attention
 from .layout import DEFAULT_MASK_VARIANT, SceneLayout, check_mask_variant
 
 # --------------------------------------------------------------------------------------------------
-# Attention processor
+# Attention processors
 # --------------------------------------------------------------------------------------------------
 
 
 class Mask2DiTAttnProcessor:
     """CogVideoX attention (projections, QK norm, RoPE on video tokens) with Mask²DiT scene attention.
 
-    Extra call arguments, passed through the transformer's ``attention_kwargs``:
+    Extra call arguments, which the transformer puts into the blocks' ``attention_kwargs`` and stock
+    `Attention` hands on to its processor:
         scene_layout: the `SceneLayout` of the sequence; None means one scene (plain CogVideoX attention).
-        scene_mask: mask variant ("v1", "v2", "v3", "full").
-        attention_backend: "auto", "flash", "sdpa" or "dense".
+        scene_options: `SceneAttentionOptions` (mask variant, backend), already validated; None: defaults.
+
+    ``hidden_states (B, Lv, C)`` and ``encoder_hidden_states (B, Lt, C)`` in; the same shapes out.
     """
+
+    def _project(self, attn, hidden_states: torch.Tensor) -> Sequence[torch.Tensor]:
+        """Query, key, value ``(B, L, C)`` each, from ``(B, L, C)``."""
+        return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
     def __call__(
         self,
@@ -47,20 +67,17 @@ class Mask2DiTAttnProcessor:
         attention_mask: Optional[torch.Tensor] = None,
         image_rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         scene_layout: Optional[SceneLayout] = None,
-        scene_mask: str = DEFAULT_MASK_VARIANT,
-        attention_backend: str = "auto",
+        scene_options: Optional[SceneAttentionOptions] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
-            raise ValueError("`attention_mask` is not supported by Mask2DiTAttnProcessor: the scene layout defines the mask.")
+            raise ValueError(f"`attention_mask` is not supported by {type(self).__name__}: the scene layout defines the mask.")
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, sequence_length, _ = hidden_states.shape
         if scene_layout is None:
             scene_layout = SceneLayout([text_seq_length], [sequence_length - text_seq_length])
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
+        query, key, value = self._project(attn, hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -77,7 +94,8 @@ class Mask2DiTAttnProcessor:
             if not attn.is_cross_attention:
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
 
-        hidden_states = scene_attention(query, key, value, scene_layout, mask=scene_mask, backend=attention_backend)
+        options = scene_options if scene_options is not None else _DEFAULT_OPTIONS
+        hidden_states = run_scene_attention(query, key, value, scene_layout, options)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -87,25 +105,45 @@ class Mask2DiTAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+class FusedMask2DiTAttnProcessor(Mask2DiTAttnProcessor):
+    """`Mask2DiTAttnProcessor` for fused projections (``attn.to_qkv``, after ``fuse_qkv_projections()``)."""
+
+    def _project(self, attn, hidden_states: torch.Tensor) -> Sequence[torch.Tensor]:
+        qkv = attn.to_qkv(hidden_states)
+        return torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+
+
+_DEFAULT_OPTIONS = SceneAttentionOptions()
+
+
 # --------------------------------------------------------------------------------------------------
-# Per-segment adaptive LayerNorm modulation
+# Per-scene adaptive LayerNorm modulation
 # --------------------------------------------------------------------------------------------------
 
 
-def _modulation(norm_module: torch.nn.Module, temb: torch.Tensor, chunks: int) -> List[torch.Tensor]:
-    """The ada-norm parameters of ``norm_module`` for ``temb``.
+@dataclasses.dataclass(frozen=True, eq=False)
+class PerSceneEmbedding:
+    """Each scene's time embedding, with the scene layout that says which tokens are whose.
 
-    temb ``(B, D)`` gives ``chunks`` tensors ``(B, 1, C)`` (one set per sample, as stock CogVideoX);
-    temb ``(B, n, D)`` gives ``chunks`` tensors ``(B, n, C)`` (one set per scene).
+    The transformer passes it as the blocks' ``temb`` (in place of the ``(B, D)`` tensor) when scenes have
+    their own timesteps. It travels with the block's arguments, so gradient checkpointing, hooks and threads
+    all see the embedding that belongs to the call.
+
+    Attributes:
+        emb: ``(B, n, D)``: one embedding per sample and scene.
+        layout: text and video tokens per scene.
     """
-    params = norm_module.linear(norm_module.silu(temb))
-    if temb.dim() == 2:
-        return [p[:, None, :] for p in params.chunk(chunks, dim=1)]
-    return list(params.chunk(chunks, dim=-1))
+
+    emb: torch.Tensor
+    layout: SceneLayout
+
+    def to(self, *args, **kwargs) -> "PerSceneEmbedding":
+        # Hooks that move a block's inputs to its device (group offloading, accelerate's) call `.to`.
+        return dataclasses.replace(self, emb=self.emb.to(*args, **kwargs))
 
 
 def _per_segment(fn, x: torch.Tensor, lengths: Sequence[int], *params: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn(x_segment, *params_of_segment)`` per scene segment along dim 1.
+    """Apply ``fn(x_segment, *params_of_segment)`` per scene segment along dim 1 of ``x (B, L, C)``.
 
     Per-sample parameters ``(B, 1, C)`` broadcast over all tokens in one call (the stock path); per-scene
     parameters ``(B, n, C)`` are applied segment by segment, so no per-token copy of them is made.
@@ -128,49 +166,70 @@ def _gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return gate * x
 
 
-def _scene_block_forward(
-    block: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    temb: torch.Tensor,
-    image_rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]],
-    layout: SceneLayout,
-    attention_kwargs: Dict[str, Any],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`CogVideoXBlock.forward` with per-scene modulation, reusing the block's own modules."""
-    text_seq_length = encoder_hidden_states.size(1)
-    video_lengths, text_lengths = layout.video_lengths, layout.text_lengths
+class SceneGate:
+    """Per-scene gates ``(B, n, C)`` that multiply token states ``(B, L, C)`` scene by scene.
 
-    shift, scale, gate, enc_shift, enc_scale, enc_gate = _modulation(block.norm1, temb, 6)
-    norm_hidden_states = _per_segment(_scale_shift, block.norm1.norm(hidden_states), video_lengths, scale, shift)
-    norm_encoder_hidden_states = _per_segment(
-        _scale_shift, block.norm1.norm(encoder_hidden_states), text_lengths, enc_scale, enc_shift
-    )
-    attn_hidden_states, attn_encoder_hidden_states = block.attn1(
-        hidden_states=norm_hidden_states,
-        encoder_hidden_states=norm_encoder_hidden_states,
-        image_rotary_emb=image_rotary_emb,
-        scene_layout=layout,
-        **attention_kwargs,
-    )
-    hidden_states = hidden_states + _per_segment(_gate, attn_hidden_states, video_lengths, gate)
-    encoder_hidden_states = encoder_hidden_states + _per_segment(_gate, attn_encoder_hidden_states, text_lengths, enc_gate)
+    Stock `CogVideoXBlock.forward` computes ``gate * states``. A per-token copy of the gates would be as
+    large as the states, and autograd would keep it for the backward pass in every block; this object
+    applies each scene's ``(B, 1, C)`` row to that scene's segment instead.
+    """
 
-    shift, scale, gate, enc_shift, enc_scale, enc_gate = _modulation(block.norm2, temb, 6)
-    norm_hidden_states = _per_segment(_scale_shift, block.norm2.norm(hidden_states), video_lengths, scale, shift)
-    norm_encoder_hidden_states = _per_segment(
-        _scale_shift, block.norm2.norm(encoder_hidden_states), text_lengths, enc_scale, enc_shift
-    )
-    # Rebinding frees the separate normed states before the feed-forward, where memory peaks.
-    norm_hidden_states = torch.cat([norm_encoder_hidden_states, norm_hidden_states], dim=1)
-    del norm_encoder_hidden_states
-    ff_output = block.ff(norm_hidden_states)
-    del norm_hidden_states
-    hidden_states = hidden_states + _per_segment(_gate, ff_output[:, text_seq_length:], video_lengths, gate)
-    encoder_hidden_states = encoder_hidden_states + _per_segment(
-        _gate, ff_output[:, :text_seq_length], text_lengths, enc_gate
-    )
-    return hidden_states, encoder_hidden_states
+    __slots__ = ("gate", "lengths")
+
+    def __init__(self, gate: torch.Tensor, lengths: Sequence[int]):
+        self.gate = gate
+        self.lengths = lengths
+
+    def __mul__(self, states: torch.Tensor) -> torch.Tensor:
+        return _per_segment(_gate, states, self.lengths, self.gate)
+
+    __rmul__ = __mul__
+
+
+class SceneLayerNormZero(CogVideoXLayerNormZero):
+    """`CogVideoXLayerNormZero` that also takes a `PerSceneEmbedding` as ``temb``.
+
+    With a ``(B, D)`` tensor it is the stock module. With per-scene embeddings ``(B, n, D)``, each scene's
+    video tokens (of ``hidden_states (B, Lv, C)``) and text tokens (of ``encoder_hidden_states (B, Lt, C)``)
+    get that scene's shift and scale, and the gates come back as `SceneGate` objects. Same parameters and
+    state-dict keys as the stock module (it is put in place by swapping the class of the existing one).
+    """
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb):
+        if not isinstance(temb, PerSceneEmbedding):
+            return super().forward(hidden_states, encoder_hidden_states, temb)
+        shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb.emb)).chunk(6, dim=-1)
+        video, text = temb.layout.video_lengths, temb.layout.text_lengths
+        hidden_states = _per_segment(_scale_shift, self.norm(hidden_states), video, scale, shift)
+        encoder_hidden_states = _per_segment(_scale_shift, self.norm(encoder_hidden_states), text, enc_scale, enc_shift)
+        return hidden_states, encoder_hidden_states, SceneGate(gate, video), SceneGate(enc_gate, text)
+
+
+class SceneAdaLayerNorm(AdaLayerNorm):
+    """The final `AdaLayerNorm` (``chunk_dim=1``) that also takes a `PerSceneEmbedding` as ``temb``.
+
+    ``x (B, Lv, C)`` in and out; each scene's video tokens get that scene's shift and scale. With a
+    ``(B, D)`` tensor it is the stock module; same parameters and state-dict keys.
+    """
+
+    def forward(self, x: torch.Tensor, timestep: Optional[torch.Tensor] = None, temb=None) -> torch.Tensor:
+        if not isinstance(temb, PerSceneEmbedding):
+            return super().forward(x, timestep, temb)
+        shift, scale = self.linear(self.silu(temb.emb)).chunk(2, dim=-1)
+        return _per_segment(_scale_shift, self.norm(x), temb.layout.video_lengths, scale, shift)
+
+
+def _make_scene_aware(module: torch.nn.Module, stock_class: type, scene_class: type, name: str) -> None:
+    """Turn the stock norm ``module`` into ``scene_class`` in place.
+
+    Swapping the class keeps the very same object: its parameters, device, dtype, state-dict keys, LoRA
+    target names and any hooks already attached stay as they are. The subclasses add behaviour only.
+    """
+    if isinstance(module, scene_class):
+        return
+    if type(module) is not stock_class:
+        raise ValueError(f"`{name}` must be a {stock_class.__name__} to be made scene-aware, got {type(module).__name__}.")
+    module.__class__ = scene_class
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,6 +261,60 @@ def _as_int_list(values: Sequence[Any], name: str) -> List[int]:
     if not result or any(v <= 0 for v in result):
         raise ValueError(f"`{name}` must be a non-empty list of positive integers, got {values!r}.")
     return result
+
+
+def _rope_over_frames(
+    config: Any, latent_height: int, latent_width: int, latent_frames: int, device: Any
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """3D RoPE over ``latent_frames`` latent frames, the formula of `CogVideoXPipeline`: ``(cos, sin)``,
+    each ``(video_tokens, attention_head_dim)``."""
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p, p_t = config.patch_size, config.patch_size_t
+    grid_height, grid_width = latent_height // p, latent_width // p
+    base_width, base_height = config.sample_width // p, config.sample_height // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
+        return get_3d_rotary_pos_embed(
+            embed_dim=config.attention_head_dim,
+            crops_coords=crops,
+            grid_size=(grid_height, grid_width),
+            temporal_size=latent_frames,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=config.attention_head_dim,
+        crops_coords=None,
+        grid_size=(grid_height, grid_width),
+        temporal_size=(latent_frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_height, base_width),
+        device=device,
+    )
+
+
+def scene_rotary_emb(
+    config: Any, latent_height: int, latent_width: int, scene_frames: Union[int, Sequence[int]], device: Any
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The ``image_rotary_emb`` a CogVideoX transformer with ``config`` needs for scenes laid end to end.
+
+    Positions run on over all scenes' latent frames (each scene rounded up to whole temporal patches for
+    CogVideoX 1.5). None for models without RoPE (2b), which is what they take.
+
+    Args:
+        config: the transformer's config (``transformer.config``; works for wrapped models too).
+        latent_height, latent_width: latent size ``h, w`` (pixels / 8).
+        scene_frames: latent frames of each scene (or one int: one scene).
+        device: where to build it.
+
+    Returns:
+        ``(cos, sin)``, each ``(video_tokens, attention_head_dim)``, or None.
+    """
+    if not config.use_rotary_positional_embeddings:
+        return None
+    frames = [scene_frames] if isinstance(scene_frames, int) else list(scene_frames)
+    total = sum(patch_aligned_frames(frames, config.patch_size_t))
+    return _rope_over_frames(config, latent_height, latent_width, total, device)
 
 
 class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
@@ -280,7 +393,18 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
     def _init_mask2dit(self, variant: Union[int, str]) -> None:
         variant = check_mask_variant(variant, "attn_mask_variant")
         self.register_to_config(attn_mask_variant=variant)
+        for index, block in enumerate(self.transformer_blocks):
+            _make_scene_aware(block.norm1, CogVideoXLayerNormZero, SceneLayerNormZero, f"transformer_blocks.{index}.norm1")
+            _make_scene_aware(block.norm2, CogVideoXLayerNormZero, SceneLayerNormZero, f"transformer_blocks.{index}.norm2")
+        _make_scene_aware(self.norm_out, AdaLayerNorm, SceneAdaLayerNorm, "norm_out")
         self.set_attn_processor(Mask2DiTAttnProcessor())
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention's query, key and value projections into one (diffusers' method), keeping the
+        scene mask: the fused processor is `FusedMask2DiTAttnProcessor`; ``unfuse_qkv_projections()`` puts
+        back the processors that were set before."""
+        super().fuse_qkv_projections()
+        self.set_attn_processor(FusedMask2DiTAttnProcessor())
 
     @classmethod
     def from_cogvideox(
@@ -302,6 +426,17 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         return transformer
 
     # ----------------------------------------------------------------------------------------------
+    # Inputs
+
+    def _check_timestep(self, timestep: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+        """``timestep`` as a tensor: ``(B,)`` (or ``(1,)``, broadcast as stock does) or per scene ``(B, n)``;
+        a per-scene timestep whose scenes are all equal becomes per-sample (the stock path, bit-identical)."""
+        timestep = torch.as_tensor(timestep, device=device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(batch_size)
+        if timestep.dim() > 2 or timestep.shape[0] not in (1, batch_size):
+            raise ValueError(f"`timestep` must be (batch={batch_size},) or (batch, num_scenes); got {tuple(timestep.shape)}.")
+        return timestep
 
     def _resolve_scenes(
         self,
@@ -311,6 +446,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         scene_frames: Optional[Sequence[int]],
         text_lengths: Optional[Sequence[int]],
     ) -> Tuple[List[int], List[int]]:
+        """Latent frames and text tokens per scene, checked against the inputs' ``num_frames``/``text_tokens``."""
         if scene_frames is None:
             num_scenes = timestep.shape[1] if timestep.dim() == 2 else 1
             if num_frames % num_scenes:
@@ -344,8 +480,32 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
             )
         return scene_frames, text_lengths
 
+    def _check_scene_inputs(self, layout: SceneLayout, image_rotary_emb) -> None:
+        """The RoPE must cover every video token, and with several scenes every attention processor must
+        apply the scene mask: a stock processor would drop the scene arguments with only a log line."""
+        if image_rotary_emb is not None and image_rotary_emb[0].shape[0] != layout.video_total:
+            raise ValueError(
+                f"`image_rotary_emb` covers {image_rotary_emb[0].shape[0]} video tokens but the scenes have "
+                f"{layout.video_total}; build it with `transformer.prepare_rotary_emb(height, width, scene_frames, "
+                "device)`."
+            )
+        if layout.num_scenes == 1:
+            return
+        for index, block in enumerate(self.transformer_blocks):
+            processor = block.attn1.processor
+            if not isinstance(processor, Mask2DiTAttnProcessor):
+                raise ValueError(
+                    f"`transformer_blocks.{index}.attn1` has a {type(processor).__name__}, which cannot apply the "
+                    f"Mask²DiT scene mask: with {layout.num_scenes} scenes its attention would silently be unmasked. "
+                    "Set a scene-aware processor with `set_attn_processor(Mask2DiTAttnProcessor())` (or "
+                    "`FusedMask2DiTAttnProcessor()` after `fuse_qkv_projections()`), or pass one scene."
+                )
+
+    # ----------------------------------------------------------------------------------------------
+    # Embeddings
+
     def _time_embedding(self, timestep: torch.Tensor, timestep_cond, ofs, dtype) -> torch.Tensor:
-        """``(B, D)`` for per-sample timesteps, ``(B, n, D)`` for per-scene ones."""
+        """``(B, D)`` for per-sample timesteps ``(B,)``, ``(B, n, D)`` for per-scene ones ``(B, n)``."""
         per_scene = timestep.dim() == 2
         flat = timestep.reshape(-1)
         t_emb = self.time_proj(flat).to(dtype=dtype)
@@ -362,30 +522,16 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
     def rotary_embeddings(
         self, latent_height: int, latent_width: int, latent_frames: int, device: torch.device
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """3D RoPE over ``latent_frames`` frames (all scenes), the same formula as `CogVideoXPipeline`."""
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+        """3D RoPE over ``latent_frames`` frames (all scenes, padded), the same formula as `CogVideoXPipeline`."""
+        return _rope_over_frames(self.config, latent_height, latent_width, latent_frames, device)
 
-        p, p_t = self.config.patch_size, self.config.patch_size_t
-        grid_height, grid_width = latent_height // p, latent_width // p
-        base_width, base_height = self.config.sample_width // p, self.config.sample_height // p
-        if p_t is None:
-            crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
-            return get_3d_rotary_pos_embed(
-                embed_dim=self.config.attention_head_dim,
-                crops_coords=crops,
-                grid_size=(grid_height, grid_width),
-                temporal_size=latent_frames,
-                device=device,
-            )
-        return get_3d_rotary_pos_embed(
-            embed_dim=self.config.attention_head_dim,
-            crops_coords=None,
-            grid_size=(grid_height, grid_width),
-            temporal_size=(latent_frames + p_t - 1) // p_t,
-            grid_type="slice",
-            max_size=(base_height, base_width),
-            device=device,
-        )
+    def prepare_rotary_emb(
+        self, latent_height: int, latent_width: int, scene_frames: Union[int, Sequence[int]], device: Any
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The ``image_rotary_emb`` to pass to `forward` for scenes of ``scene_frames`` latent frames each:
+        ``(cos, sin)`` ``(video_tokens, head_dim)`` continuous over all scenes, or None for sincos models
+        (see `scene_rotary_emb`). Without it the model runs without RoPE, as stock CogVideoX does."""
+        return scene_rotary_emb(self.config, latent_height, latent_width, scene_frames, device)
 
     def _pad_scenes(self, hidden_states: torch.Tensor, scene_frames: List[int]) -> Tuple[torch.Tensor, List[int]]:
         """CogVideoX 1.5 patches 2 latent frames at a time: repeat each scene's first frame in front to fill.
@@ -414,6 +560,9 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         video = joint[:, self.config.max_text_seq_length :]
         return text, video
 
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -427,15 +576,17 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         scene_frames: Optional[Sequence[int]] = None,
         text_lengths: Optional[Sequence[int]] = None,
     ) -> Union[Tuple[torch.Tensor], Transformer2DModelOutput]:
-        """Denoise n scenes at once.
+        """Denoise n scenes at once (one scene: exactly stock `CogVideoXTransformer3DModel.forward`).
 
         Args:
             hidden_states: ``(B, F, C, h, w)``: the scenes' latent frames concatenated along frames.
             encoder_hidden_states: ``(B, Lt, D_text)``: the scenes' prompt embeddings concatenated.
             timestep: scalar, ``(B,)`` or per scene ``(B, n)``.
-            image_rotary_emb: RoPE over all F frames; built here when None and the model uses RoPE.
+            image_rotary_emb: RoPE ``(cos, sin)``, each ``(video_tokens, head_dim)``, over all F frames (see
+                `prepare_rotary_emb`); None runs without RoPE, as stock does.
             attention_kwargs: ``scene_mask`` (default ``config.attn_mask_variant``), ``attention_backend``
-                and the LoRA ``scale``.
+                (both checked by `SceneAttentionOptions`), the LoRA ``scale``; other keys go on to the
+                attention processors, as in stock.
             scene_frames: latent frames per scene (default: one scene, or an even split into n when
                 ``timestep`` is ``(B, n)``).
             text_lengths: text tokens per scene (default: an even split of ``Lt``).
@@ -443,25 +594,29 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         Returns:
             The predicted sample ``(B, F, C, h, w)``.
         """
-        attention_kwargs = dict(attention_kwargs or {})
+        options, attention_kwargs = SceneAttentionOptions.split_attention_kwargs(
+            attention_kwargs, self.config.attn_mask_variant
+        )
         lora_scale = attention_kwargs.pop("scale", 1.0)
-        attention_kwargs.setdefault("scene_mask", self.config.attn_mask_variant)
-        check_mask_variant(attention_kwargs["scene_mask"], "scene_mask")
         if USE_PEFT_BACKEND:
             scale_lora_layers(self, lora_scale)
         try:
-            return self._forward(
-                hidden_states, encoder_hidden_states, timestep, timestep_cond, ofs, image_rotary_emb,
-                attention_kwargs, return_dict, scene_frames, text_lengths,
+            output = self._forward(
+                hidden_states, encoder_hidden_states, timestep, timestep_cond, ofs, image_rotary_emb, options,
+                attention_kwargs, scene_frames, text_lengths,
             )
         finally:
             if USE_PEFT_BACKEND:
                 unscale_lora_layers(self, lora_scale)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
 
     def _forward(
-        self, hidden_states, encoder_hidden_states, timestep, timestep_cond, ofs, image_rotary_emb,
-        attention_kwargs, return_dict, scene_frames, text_lengths,
-    ):
+        self, hidden_states, encoder_hidden_states, timestep, timestep_cond, ofs, image_rotary_emb, options,
+        attention_kwargs, scene_frames, text_lengths,
+    ) -> torch.Tensor:
+        """`forward` after the LoRA scale is applied: ``(B, F, C, h, w)`` in and out."""
         batch_size, num_frames, _, height, width = hidden_states.shape
         p, p_t = self.config.patch_size, self.config.patch_size_t
         if height % p or width % p:
@@ -469,11 +624,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
                 f"Latent height and width must be divisible by the patch size {p}; got {height}x{width} "
                 f"(pixel sizes must be multiples of {p * 8} for the CogVideoX VAE)."
             )
-        timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        if timestep.dim() == 0:
-            timestep = timestep.expand(batch_size)
-        if timestep.shape[0] != batch_size or timestep.dim() > 2:
-            raise ValueError(f"`timestep` must be (batch={batch_size},) or (batch, num_scenes); got {tuple(timestep.shape)}.")
+        timestep = self._check_timestep(timestep, batch_size, hidden_states.device)
         scene_frames, text_lengths = self._resolve_scenes(
             num_frames, encoder_hidden_states.shape[1], timestep, scene_frames, text_lengths
         )
@@ -486,48 +637,54 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
 
         # 2. Patch embedding, with 1.5-style scenes padded to whole temporal patches
         hidden_states, padded_frames = self._pad_scenes(hidden_states, scene_frames)
-        total_frames = sum(padded_frames)
-        if image_rotary_emb is None and self.config.use_rotary_positional_embeddings:
-            image_rotary_emb = self.rotary_embeddings(height, width, total_frames, hidden_states.device)
         encoder_hidden_states, hidden_states = self._embed(encoder_hidden_states, hidden_states)
         patches_per_frame = (height // p) * (width // p)
-        video_tokens = [f // (p_t or 1) * patches_per_frame for f in padded_frames]
-        if image_rotary_emb is not None and image_rotary_emb[0].shape[0] != sum(video_tokens):
-            raise ValueError(
-                f"`image_rotary_emb` covers {image_rotary_emb[0].shape[0]} video tokens but the scenes have "
-                f"{sum(video_tokens)}; pass None to have RoPE built over all scenes."
-            )
+        layout = SceneLayout(text_lengths, [f // (p_t or 1) * patches_per_frame for f in padded_frames])
+        self._check_scene_inputs(layout, image_rotary_emb)
         hidden_states = self.embedding_dropout(hidden_states)
         encoder_hidden_states = self.embedding_dropout(encoder_hidden_states)
-        layout = SceneLayout(text_lengths, video_tokens)
 
-        # 3. Transformer blocks
-        for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states, encoder_hidden_states = self._gradient_checkpointing_func(
-                    _scene_block_forward, block, hidden_states, encoder_hidden_states, emb, image_rotary_emb,
-                    layout, attention_kwargs,
-                )
-            else:
-                hidden_states, encoder_hidden_states = _scene_block_forward(
-                    block, hidden_states, encoder_hidden_states, emb, image_rotary_emb, layout, attention_kwargs
-                )
+        # 3. Transformer blocks, called as modules; the scene information rides in their arguments
+        if emb.dim() == 3:
+            emb = PerSceneEmbedding(emb, layout)
+        if layout.num_scenes > 1:
+            attention_kwargs = {**attention_kwargs, "scene_layout": layout, "scene_options": options}
+        hidden_states, encoder_hidden_states = self._run_blocks(
+            hidden_states, encoder_hidden_states, emb, image_rotary_emb, attention_kwargs
+        )
 
-        # 4. Final norm (per-scene modulation) and projection
+        # 4. Final norm (per-scene modulation when `emb` is per scene) and projection
         hidden_states = self.norm_final(hidden_states)
-        shift, scale = _modulation(self.norm_out, emb, 2)
-        hidden_states = _per_segment(_scale_shift, self.norm_out.norm(hidden_states), video_tokens, scale, shift)
+        hidden_states = self.norm_out(hidden_states, temb=emb)
         hidden_states = self.proj_out(hidden_states)
 
         # 5. Unpatchify, then drop the frames added to fill temporal patches
-        if p_t is None:
-            output = hidden_states.reshape(batch_size, total_frames, height // p, width // p, -1, p, p)
-            output = output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
-        else:
-            output = hidden_states.reshape(batch_size, total_frames // p_t, height // p, width // p, -1, p_t, p, p)
-            output = output.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
-        output = drop_leading_frames(output, scene_frames, padded_frames)
+        output = self._unpatchify(hidden_states, batch_size, sum(padded_frames), height, width)
+        return drop_leading_frames(output, scene_frames, padded_frames)
 
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+    def _run_blocks(self, hidden_states, encoder_hidden_states, emb, image_rotary_emb, attention_kwargs):
+        """Every block as a module, with stock `CogVideoXBlock.forward` (and stock checkpointing), so hooks on
+        the blocks run. ``hidden_states (B, Lv, C)``, ``encoder_hidden_states (B, Lt, C)`` in and out."""
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states, encoder_hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, encoder_hidden_states, emb, image_rotary_emb, attention_kwargs
+                )
+            else:
+                hidden_states, encoder_hidden_states = block(
+                    hidden_states=hidden_states,
+                    encoder_hidden_states=encoder_hidden_states,
+                    temb=emb,
+                    image_rotary_emb=image_rotary_emb,
+                    attention_kwargs=attention_kwargs,
+                )
+        return hidden_states, encoder_hidden_states
+
+    def _unpatchify(self, hidden_states: torch.Tensor, batch_size: int, frames: int, height: int, width: int) -> torch.Tensor:
+        """Patch tokens ``(B, Lv, p_t * p * p * C)`` -> latents ``(B, frames, C, height, width)``."""
+        p, p_t = self.config.patch_size, self.config.patch_size_t
+        if p_t is None:
+            output = hidden_states.reshape(batch_size, frames, height // p, width // p, -1, p, p)
+            return output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        output = hidden_states.reshape(batch_size, frames // p_t, height // p, width // p, -1, p_t, p, p)
+        return output.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)

@@ -19,6 +19,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from ..transformer import scene_rotary_emb
+
 
 @dataclass
 class DiffusionBatch:
@@ -151,10 +153,15 @@ def predict(
         dtype: dtype of the model inputs (the frozen weights' dtype); defaults to the latents' dtype.
     """
     dtype = dtype or batch.noisy_latents.dtype
+    # The transformer runs without RoPE unless given one (as stock CogVideoX); accelerate may have wrapped it.
+    config = getattr(transformer, "config", None) or transformer.module.config
+    height, width = batch.noisy_latents.shape[-2:]
+    image_rotary_emb = scene_rotary_emb(config, height, width, batch.scene_frames, batch.noisy_latents.device)
     return transformer(
         hidden_states=batch.noisy_latents.to(dtype),
         encoder_hidden_states=prompt_embeds.to(dtype),
         timestep=batch.timesteps,
+        image_rotary_emb=image_rotary_emb,
         attention_kwargs={"scene_mask": mask_variant},
         scene_frames=list(batch.scene_frames),
         return_dict=False,
