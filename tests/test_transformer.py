@@ -207,3 +207,120 @@ def test_bad_inputs_raise_clear_errors():
         ours(torch.randn(1, 4, 4, 8, 7), text, torch.tensor([1]), scene_frames=[2, 2])
     with pytest.raises(ValueError, match="scene_mask"):
         ours(x, text, torch.tensor([1]), scene_frames=[2, 2], attention_kwargs={"scene_mask": "v4"})
+
+
+@pytest.mark.parametrize("style", ["2b", "5b", "1.5"])
+def test_one_scene_is_bit_identical_to_stock(style):
+    stock, ours = pair(style)
+    frames = 4 if style == "1.5" else 3
+    x, text, t = torch.randn(2, frames, 4, 8, 8), torch.randn(2, TEXT, 12), torch.tensor([10, 700])
+    rope = ours.prepare_rotary_emb(8, 8, frames, "cpu")
+    assert (rope is None) == (style == "2b")
+    with torch.no_grad():
+        assert torch.equal(ours(x, text, t, image_rotary_emb=rope).sample, stock(x, text, t, image_rotary_emb=rope).sample)
+        assert torch.equal(ours(x, text, t).sample, stock(x, text, t).sample)
+        # a (1,) timestep broadcasts over the batch, as stock's does
+        assert torch.equal(ours(x, text, t[:1]).sample, stock(x, text, t[:1]).sample)
+
+
+def test_no_rope_is_built_inside(monkeypatch):
+    """Without `image_rotary_emb` the model runs without RoPE, as stock does; it never builds one itself."""
+    from diffusers_mask2dit import transformer as transformer_module
+
+    _, ours = pair("1.5")
+
+    def no_rope(*args, **kwargs):
+        raise AssertionError("the transformer must not build RoPE when none is given")
+
+    monkeypatch.setattr(transformer_module, "_rope_over_frames", no_rope)
+    monkeypatch.setattr(transformer_module, "get_3d_rotary_pos_embed", no_rope)
+    x, text = torch.randn(1, 5, 4, 8, 8), torch.randn(1, 2 * TEXT, 12)
+    with torch.no_grad():
+        out = ours(x, text, torch.tensor([[0, 400]]), scene_frames=[2, 3]).sample
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_prepare_rotary_emb_covers_every_scene_padded_to_whole_patches():
+    _, ours = pair("1.5")
+    cos, sin = ours.prepare_rotary_emb(8, 8, [3, 5], "cpu")  # padded to 4 + 6 frames -> 5 temporal patches
+    reference = ours.rotary_embeddings(8, 8, 10, "cpu")
+    assert cos.shape == (5 * 16, 16) and torch.equal(cos, reference[0]) and torch.equal(sin, reference[1])
+    with pytest.raises(ValueError, match="prepare_rotary_emb"):
+        ours(torch.randn(1, 8, 4, 8, 8), torch.randn(1, 2 * TEXT, 12), torch.tensor([1]), scene_frames=[3, 5],
+             image_rotary_emb=ours.prepare_rotary_emb(8, 8, [3, 3], "cpu"))
+
+
+def test_blocks_run_as_modules_with_scene_aware_norms():
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    from diffusers_mask2dit.transformer import SceneAdaLayerNorm, SceneLayerNormZero
+
+    stock, ours = pair("5b")
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert all(type(block) is CogVideoXBlock for block in ours.transformer_blocks)
+    assert all(isinstance(b.norm1, SceneLayerNormZero) and isinstance(b.norm2, SceneLayerNormZero) for b in ours.transformer_blocks)
+    assert isinstance(ours.norm_out, SceneAdaLayerNorm)
+    calls = []
+    for index, block in enumerate(ours.transformer_blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
+    x, text = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 2 * TEXT, 12)
+    ours.train()
+    ours(x, text, torch.tensor([[0, 300]]), scene_frames=[2, 2]).sample.mean().backward()
+    assert calls == [0, 1]
+    calls.clear()
+    ours.enable_gradient_checkpointing()
+    ours(x, text, torch.tensor([[0, 300]]), scene_frames=[2, 2]).sample.mean().backward()
+    assert sorted(calls) == [0, 0, 1, 1]  # each block once forward, once recomputed in the backward
+
+
+def test_concurrent_calls_with_different_layouts_do_not_mix():
+    """The scene information rides in each call's arguments, never in module state: two threads running
+    different scene layouts on one model each get what they get alone."""
+    import threading
+
+    _, ours = pair("5b")
+    jobs = [
+        (torch.randn(1, 4, 4, 8, 8), torch.randn(1, 2 * TEXT, 12), torch.tensor([[0, 600]]), [1, 3], "v1"),
+        (torch.randn(1, 6, 4, 8, 8), torch.randn(1, 3 * TEXT, 12), torch.tensor([[900, 0, 300]]), [2, 2, 2], "v2"),
+    ]
+
+    def run(job):
+        x, text, t, frames, mask = job
+        with torch.no_grad():
+            return ours(x, text, t, scene_frames=frames, attention_kwargs={"scene_mask": mask}).sample
+
+    expected = [run(job) for job in jobs]
+    results = [[None] * 4 for _ in jobs]
+
+    def worker(i):
+        for repeat in range(4):
+            results[i][repeat] = run(jobs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, job_results in enumerate(results):
+        assert all(torch.equal(r, expected[i]) for r in job_results)
+
+
+def test_lora_on_the_scene_norms_keeps_stock_names():
+    from peft import LoraConfig
+
+    stock, ours = pair("5b")
+    config = dict(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "norm1.linear", "norm_out.linear"], init_lora_weights=False)
+    for model in (stock, ours):
+        torch.manual_seed(1)
+        model.add_adapter(LoraConfig(**config))
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert any("norm1.linear.lora_A" in key for key in ours.state_dict())
+    ours.load_state_dict(stock.state_dict())
+    x, text, t = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 2 * TEXT, 12), torch.tensor([[0, 300]])
+    with torch.no_grad():
+        assert torch.equal(ours(x[:, :2], text[:, :TEXT], t[:, 1]).sample, stock(x[:, :2], text[:, :TEXT], t[:, 1]).sample)
+        # ... and the adapters act on multi-scene calls as well.
+        with_lora = ours(x, text, t, scene_frames=[2, 2]).sample
+        ours.disable_adapters()
+        without = ours(x, text, t, scene_frames=[2, 2]).sample
+    assert (with_lora[:, :2] - without[:, :2]).abs().max() > 1e-4
