@@ -15,22 +15,9 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 from diffusers_mask2dit import Mask2DiTAttnProcessor, Mask2DiTTransformer3DModel
 from diffusers_mask2dit.transformer import FusedMask2DiTAttnProcessor, scene_rotary_emb
+from test_transformer import TEXT, tiny_config
 
-TEXT = 7
 CPU = torch.device("cpu")
-
-
-def tiny_config(style="5b"):
-    config = dict(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=12, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        max_text_seq_length=TEXT,
-    )
-    if style in ("5b", "1.5"):
-        config["use_rotary_positional_embeddings"] = True
-    if style == "1.5":
-        config["patch_size_t"] = 2
-    return config
 
 
 def build(cls, style="5b"):
