@@ -77,6 +77,12 @@ def files(tmp_path_factory):
     ).save_pretrained(str(narrow))
     paths["narrow_transformer"] = str(narrow.parent)
 
+    one_scene = root / "one_scene"
+    one_scene.mkdir()
+    shutil.copy(made / "scene_00.mp4", one_scene / "scene_00.mp4")
+    (one_scene / "prompts.txt").write_text("a cat\n")
+    paths["one_scene"] = str(one_scene)
+
     video = root / "one.mp4"
     write_video(torch.rand(9, 32, 32, 3).numpy(), str(video))
     paths["video"] = str(video)
@@ -190,16 +196,19 @@ CASES = [
     pytest.param(DEMO + ["--scheduler", "PNDMScheduler"], "`--scheduler`", id="demo-scheduler"),
     pytest.param(DEMO + ["--model", "{model}"], "--model", id="demo-has-no-model-option"),
     # evaluate
-    pytest.param(with_value(EVAL, "--video", "{root}/nowhere"), "`video`", id="evaluate-video-missing"),
+    pytest.param(with_value(EVAL, "--video", "{root}/nowhere"), "`--video`: ", id="evaluate-video-missing"),
     pytest.param(EVAL + ["--frames-per-scene", "0"], "`--frames-per-scene`", id="evaluate-frames-per-scene-0"),
     pytest.param(EVAL + ["--frame-stride", "0"], "`--frame-stride`", id="evaluate-frame-stride-0"),
     pytest.param(EVAL + ["--batch-size", "0"], "`--batch-size`", id="evaluate-batch-size-0"),
-    pytest.param(["evaluate", "--video", "{video}", "--scene-frames", "5,x", "--tiny-clip"], "`scene_frames`", id="evaluate-scene-frames"),
+    pytest.param(["evaluate", "--video", "{video}", "--scene-frames", "5,x", "--tiny-clip"], "`--scene-frames` must be", id="evaluate-scene-frames"),
     pytest.param(EVAL + ["--device", "tpu"], "`--device`", id="evaluate-device-tpu"),
-    pytest.param(without(EVAL, "--tiny-clip", False) + ["--clip", "{root}/no_clip"], "`path_or_id`", id="evaluate-clip-missing"),
+    pytest.param(without(EVAL, "--tiny-clip", False) + ["--clip", "{root}/no_clip"], "`--clip`: no CLIP model folder", id="evaluate-clip-missing"),
     pytest.param(without(EVAL, "--tiny-clip", False), "--clip --tiny-clip", id="evaluate-no-encoder"),
+    pytest.param(with_value(EVAL, "--video", "{made}/scene_00.mp4"), "`--scene-frames`", id="evaluate-one-mp4-without-scene-frames"),
+    pytest.param(with_value(EVAL, "--video", "{one_scene}"), "`--video` (its scenes) must hold at least 2 scenes", id="evaluate-one-scene"),
+    pytest.param(EVAL + ["--prompts", "{root}/none.txt"], "`--prompts`", id="evaluate-prompts-missing"),
     pytest.param(EVAL + ["--interval", "bootstrap"], "--interval", id="evaluate-interval"),
-    pytest.param(["evaluate", "--batch", "{file}", "--tiny-clip"], "`batch`", id="evaluate-batch-not-a-folder"),
+    pytest.param(["evaluate", "--batch", "{file}", "--tiny-clip"], "`--batch`: ", id="evaluate-batch-not-a-folder"),
     # the dispatcher and the other sub-commands' parsers
     pytest.param(["frobnicate"], "frobnicate", id="unknown-command"),
     pytest.param(["train", "--no-such-option", "1"], "--no-such-option", id="train-unknown-option"),

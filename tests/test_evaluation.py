@@ -302,13 +302,13 @@ def test_cli_single_folder_and_file(tiny_clip, tmp_path, capsys):
 
     # bad inputs: exit code 2 and a message naming the parameter
     assert run_cli(["evaluate", "--video", str(tmp_path / "nope"), "--clip", tiny_clip]) == 2
-    assert "`video`" in capsys.readouterr().err
+    assert "`--video`" in capsys.readouterr().err
     assert run_cli(["evaluate", "--video", str(tmp_path / "one.mp4"), "--scene-frames", "5,5", "--clip", tiny_clip]) == 2
-    assert "`scene_frames`" in capsys.readouterr().err
+    assert "`--scene-frames`" in capsys.readouterr().err
     assert run_cli(argv[:-2] + ["--prompts", str(out / "prompts.txt"), "--clip", tiny_clip]) == 2
-    assert "`prompts`" in capsys.readouterr().err
+    assert "`--prompts`" in capsys.readouterr().err
     assert run_cli(["evaluate", "--video", str(out), "--clip", str(tmp_path / "no_clip")]) == 2
-    assert "`path_or_id`" in capsys.readouterr().err
+    assert "`--clip`" in capsys.readouterr().err
 
 
 def test_cli_batch(tiny_clip, tmp_path, capsys):

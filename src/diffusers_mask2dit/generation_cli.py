@@ -391,10 +391,14 @@ def load_transformer(path: str, dtype):
 
 
 def _check_transformer_fits(pipe, option: str) -> None:
+    """A transformer made for another VAE or text encoder would fail deep inside torch: say so up front."""
     config = pipe.transformer.config
-    expected = {"in_channels": pipe.vae.config.latent_channels, "text_embed_dim": pipe.text_encoder.config.d_model}
+    expected = {
+        "in_channels": getattr(getattr(pipe.vae, "config", None), "latent_channels", None),
+        "text_embed_dim": getattr(getattr(pipe.text_encoder, "config", None), "d_model", None),
+    }
     for key, value in expected.items():
-        if config.get(key) != value:
+        if value is not None and config.get(key) != value:
             raise ValueError(
                 f"`{option}`: the transformer has {key}={config.get(key)} but this model's "
                 f"{'VAE' if key == 'in_channels' else 'text encoder'} needs {value}; it was trained for another model."

@@ -165,6 +165,24 @@ def _run_batch(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> i
     return 1 if batch["failed"] else 0
 
 
+# The Python API's parameter names in error messages -> the options a command-line user typed.
+_OPTION_NAMES = {
+    "`video`": "`--video`",
+    "`scene_frames`": "`--scene-frames`",
+    "`scenes_frames`": "`--video` (its scenes)",
+    "`prompts`": "`--prompts`",
+    "`batch`": "`--batch`",
+    "`path_or_id`": "`--clip`",
+}
+
+
+def _with_option_names(error: Exception) -> str:
+    message = str(error)
+    for name, option in _OPTION_NAMES.items():
+        message = message.replace(name, option)
+    return message
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mask2dit evaluate``; returns the exit code."""
     from ..cli import check_device, fail
@@ -180,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             return _run_batch(args, scene_frames)
         return _run_single(args, scene_frames)
     except (ValueError, OSError) as error:  # bad input, unreadable files or model
-        return fail("evaluate", error)
+        return fail("evaluate", _with_option_names(error))
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
