@@ -23,6 +23,7 @@ Cards are tested as they ship: the README.md of folders built by ``hub build`` (
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -187,9 +188,14 @@ def test_snippets_run(document, hub_models, tmp_path, monkeypatch):
         assert not info, f"{document} snippet {index + 1}: unknown fence info {info!r} (only `no-test: <reason>`)"
         local = localise(code, ids)
         try:
-            exec(compile(local, f"{document} snippet {index + 1}", "exec"), namespace)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                exec(compile(local, f"{document} snippet {index + 1}", "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"{document} snippet {index + 1} failed:\n{local}") from error
+        # Snippets use the current argument names (`dtype=`, not the deprecated `torch_dtype=`).
+        deprecated = [str(w.message) for w in caught if "torch_dtype" in str(w.message)]
+        assert not deprecated, f"{document} snippet {index + 1}: {deprecated[0]}"
     written = sorted(p.name for p in tmp_path.glob("*.mp4"))
     if "export_to_video" in text:
         assert written, f"{document}: the snippets call export_to_video but wrote no .mp4"

@@ -226,46 +226,12 @@ def test_load_scenes_files_and_errors(tmp_path):
     assert result["semantic_consistency"] == pytest.approx(100.0, abs=1.0)
 
 
-VOCAB_CHARS = "abcdefghijklmnopqrstuvwxyz"
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    pytest.importorskip("torch")
+    from diffusers_mask2dit.evaluation.encoders import save_tiny_clip
 
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in VOCAB_CHARS:
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(str(folder))
-    processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": 32},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 32, "width": 32},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, **common),
-        vision_config=dict(image_size=32, patch_size=8, **common),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(str(folder))
-    return str(folder)
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 def smooth_scene(seed, frames=6, size=32):
@@ -336,13 +302,13 @@ def test_cli_single_folder_and_file(tiny_clip, tmp_path, capsys):
 
     # bad inputs: exit code 2 and a message naming the parameter
     assert run_cli(["evaluate", "--video", str(tmp_path / "nope"), "--clip", tiny_clip]) == 2
-    assert "`video`" in capsys.readouterr().err
+    assert "`--video`" in capsys.readouterr().err
     assert run_cli(["evaluate", "--video", str(tmp_path / "one.mp4"), "--scene-frames", "5,5", "--clip", tiny_clip]) == 2
-    assert "`scene_frames`" in capsys.readouterr().err
+    assert "`--scene-frames`" in capsys.readouterr().err
     assert run_cli(argv[:-2] + ["--prompts", str(out / "prompts.txt"), "--clip", tiny_clip]) == 2
-    assert "`prompts`" in capsys.readouterr().err
+    assert "`--prompts`" in capsys.readouterr().err
     assert run_cli(["evaluate", "--video", str(out), "--clip", str(tmp_path / "no_clip")]) == 2
-    assert "`path_or_id`" in capsys.readouterr().err
+    assert "`--clip`" in capsys.readouterr().err
 
 
 def test_cli_batch(tiny_clip, tmp_path, capsys):

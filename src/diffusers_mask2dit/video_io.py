@@ -7,11 +7,16 @@ temporary name in the target folder and renamed, so a crash never leaves a half-
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+LABEL_FONT_SIZE = 13
+LABEL_HEIGHT = 20  # pixels of the text line above each contact sheet row
 
 FrameLike = Union[np.ndarray, "Image.Image", "torch.Tensor"]  # noqa: F821
 
@@ -22,6 +27,26 @@ class VideoReadError(ValueError):
 
 class VideoTooShortError(VideoReadError):
     """A video has fewer frames than were asked for."""
+
+
+# ffmpeg prefixes its messages with "[in#0 @ 0x55...] "; its banner (version, build options, library versions)
+# says nothing about the file.
+_FFMPEG_CONTEXT = re.compile(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*")
+_FFMPEG_BANNER = ("ffmpeg version", "built with", "configuration:", "libav", "libsw", "libpostproc", "=== stderr",
+                  "FFMPEG call failed", "Could not load meta information")
+
+
+def ffmpeg_reason(error: BaseException) -> str:
+    """The one line of an ffmpeg failure that says what is wrong with the file, without ffmpeg's banner."""
+    reasons: List[str] = []
+    for line in str(error).splitlines():
+        line = _FFMPEG_CONTEXT.sub("", line.strip())
+        if line and not line.startswith(_FFMPEG_BANNER) and line not in reasons:
+            reasons.append(line)
+    # ffmpeg ends with its most general complaint ("Error opening input files: Invalid data ..."); the
+    # context lines before it ("moov atom not found") say why.
+    specific = [r for r in reasons if not r.startswith(("Error opening input", "Format "))]
+    return "; ".join((specific or reasons)[-2:]) or type(error).__name__
 
 
 def to_uint8_frames(frames: Union[Sequence[FrameLike], np.ndarray]) -> np.ndarray:
@@ -47,13 +72,21 @@ def to_uint8_frames(frames: Union[Sequence[FrameLike], np.ndarray]) -> np.ndarra
     return array
 
 
-def _atomic_target(path: str) -> str:
+def write_atomically(path: str, write: Callable[[str], Any]) -> str:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (same extension), then rename it to ``path``: a
+    crash never leaves a half-written ``path``. The file is readable by everyone (0644). Returns ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(handle)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for people to open
-    return tmp
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for people to open
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def write_video(frames: Union[Sequence[FrameLike], np.ndarray], path: str, fps: int = 8) -> str:
@@ -65,17 +98,14 @@ def write_video(frames: Union[Sequence[FrameLike], np.ndarray], path: str, fps: 
     pad_h, pad_w = array.shape[1] % 2, array.shape[2] % 2
     if pad_h or pad_w:
         array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    tmp = _atomic_target(path)
-    try:
+
+    def write(tmp: str) -> None:
         writer = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1)
         for frame in array:
             writer.append_data(frame)
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+    return write_atomically(path, write)
 
 
 def count_frames(path: str) -> int:
@@ -87,7 +117,7 @@ def count_frames(path: str) -> int:
     try:
         frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
     except Exception as error:  # ffmpeg reports corrupt files with several exception types
-        raise VideoReadError(f"Could not decode video {path}: {error}") from error
+        raise VideoReadError(f"Could not decode video {path}: {ffmpeg_reason(error)}") from error
     if frames <= 0:
         raise VideoReadError(f"Video {path} has no frames.")
     return int(frames)
@@ -128,7 +158,7 @@ def read_video(path: str, pick: Optional[Callable[[int], Sequence[int]]] = None)
         finally:
             stream.close()
     except Exception as error:  # ffmpeg reports corrupt files with several exception types
-        raise VideoReadError(f"Could not decode video {path}: {error}") from error
+        raise VideoReadError(f"Could not decode video {path}: {ffmpeg_reason(error)}") from error
     if not kept:
         raise VideoReadError(f"Video {path} has no frames.")
     if indices is None:
@@ -138,14 +168,65 @@ def read_video(path: str, pick: Optional[Callable[[int], Sequence[int]]] = None)
     return np.stack([kept[int(i)] for i in indices])
 
 
+def join_videos(paths: Sequence[str], path: str) -> str:
+    """Join mp4 files of the same size and codec into ``path`` without re-encoding (ffmpeg's concat demuxer with
+    stream copy): the frames are exactly those of the parts, in order. Returns ``path``."""
+    import imageio_ffmpeg
+
+    def write(tmp: str) -> None:
+        listing = tmp + ".txt"
+        try:
+            with open(listing, "w", encoding="utf-8") as handle:
+                for part in paths:  # concat's list syntax: quote with ', escape ' as '\''
+                    handle.write("file '" + os.path.abspath(part).replace("'", "'\\''") + "'\n")
+            command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "concat", "-safe", "0", "-i",
+                       listing, "-c", "copy", "-f", "mp4", tmp]
+            result = subprocess.run(command, capture_output=True, text=True)
+        finally:
+            if os.path.exists(listing):
+                os.remove(listing)
+        if result.returncode != 0:
+            raise OSError(f"Could not join {len(paths)} videos into {path}: {ffmpeg_reason(RuntimeError(result.stderr))}")
+
+    return write_atomically(path, write)
+
+
+def _label_font() -> "ImageFont.ImageFont":
+    try:
+        return ImageFont.load_default(size=LABEL_FONT_SIZE)  # a scalable font (Pillow >= 10.1 with FreeType)
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _label_strip(text: str, width: int, height: int, font: "ImageFont.ImageFont", highlight: bool) -> np.ndarray:
+    """A white strip ``(height, width, 3)`` with ``text`` on it, shortened with "..." to fit."""
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    fits = lambda candidate: draw.textlength(candidate, font=font) <= width - 8  # noqa: E731
+    if not fits(text):
+        while text and not fits(text + "..."):
+            text = text[:-1]
+        text = text.rstrip() + "..."
+    draw.text((4, 2), text, fill=(180, 60, 0) if highlight else (0, 0, 0), font=font)
+    return np.asarray(strip)
+
+
 def contact_sheet(
     scenes: Sequence[Union[Sequence[FrameLike], np.ndarray]],
     path: str,
     frames_per_row: int = 8,
     thumb_height: int = 96,
     margin: int = 2,
+    labels: Optional[Sequence[str]] = None,
+    highlighted: Optional[Sequence[bool]] = None,
 ) -> str:
-    """Write a PNG grid: one row per scene, ``frames_per_row`` frames spread evenly across each scene."""
+    """Write a PNG grid: one row per scene, ``frames_per_row`` frames spread evenly across each scene.
+
+    With ``labels`` (one per scene) each row gets a line of text above it; rows whose ``highlighted`` entry is
+    true have their label drawn in orange (the commands mark scenes made by scene extension this way).
+    """
+    if labels is not None and len(labels) != len(scenes):
+        raise ValueError(f"`labels` has {len(labels)} entries for {len(scenes)} scenes; give one per scene.")
     rows: List[np.ndarray] = []
     for scene in scenes:
         array = to_uint8_frames(scene)
@@ -158,12 +239,12 @@ def contact_sheet(
         rows.append(np.concatenate(thumbs, axis=1))
     sheet_width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, sheet_width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    if labels is not None:
+        font = _label_font()
+        marks = list(highlighted) if highlighted is not None else [False] * len(rows)
+        rows = [
+            np.concatenate([_label_strip(text, sheet_width, LABEL_HEIGHT, font, mark), row], axis=0)
+            for text, mark, row in zip(labels, marks, rows)
+        ]
     sheet = np.concatenate(rows, axis=0)
-    tmp = _atomic_target(path)
-    try:
-        Image.fromarray(sheet).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomically(path, lambda tmp: Image.fromarray(sheet).save(tmp, format="PNG"))

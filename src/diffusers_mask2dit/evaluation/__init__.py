@@ -22,7 +22,14 @@ from .core import (
     scene_files,
     split_scenes,
 )
-from .encoders import CLIPVideoEncoder, FrameEncoder, VideoTextEncoder, encode_frame_embeddings, sample_frame_indices
+from .encoders import (
+    CLIPVideoEncoder,
+    FrameEncoder,
+    VideoTextEncoder,
+    encode_frame_embeddings,
+    sample_frame_indices,
+    save_tiny_clip,
+)
 from .metrics import (
     METRIC_KEYS,
     consecutive_similarities,
@@ -58,6 +65,7 @@ __all__ = [
     "read_prompts",
     "sample_folders",
     "sample_frame_indices",
+    "save_tiny_clip",
     "scene_files",
     "semantic_consistency",
     "semantic_scores",

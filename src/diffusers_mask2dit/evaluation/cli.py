@@ -3,6 +3,7 @@
     mask2dit evaluate --video out/ --clip path/to/clip                     # out/scene_*.mp4 + out/prompts.txt
     mask2dit evaluate --video one.mp4 --scene-frames 49,49,49 --prompts p.txt --clip path/to/clip
     mask2dit evaluate --batch samples/ --clip path/to/clip                 # one subfolder per sample
+    mask2dit evaluate --video out/ --tiny-clip                             # offline try-out: tiny random CLIP
 
 Prints a table and writes JSON (``--output``; default ``<folder>/metrics.json``, ``<video>_metrics.json`` beside a
 single file, or ``<batch root>/metrics_summary.json``). Exit code: 0 ok, 1 some batch samples failed, 2 bad input.
@@ -99,12 +100,19 @@ def _default_output(args: argparse.Namespace) -> str:
     return stem + "_metrics.json"
 
 
-def _load_encoder(args: argparse.Namespace):
-    from .encoders import CLIPVideoEncoder
+TINY_CLIP = "tiny-random-clip"  # what the JSON records as `clip` with --tiny-clip
 
-    return CLIPVideoEncoder.from_pretrained(
-        args.clip, device=args.device, frames_per_scene=args.frames_per_scene, batch_size=args.batch_size
-    )
+
+def _load_encoder(args: argparse.Namespace):
+    from .encoders import CLIPVideoEncoder, save_tiny_clip
+
+    options = dict(device=args.device, frames_per_scene=args.frames_per_scene, batch_size=args.batch_size)
+    if not args.tiny_clip:
+        return CLIPVideoEncoder.from_pretrained(args.clip, **options)
+    print("mask2dit evaluate: --tiny-clip: a tiny RANDOM-weight CLIP built offline; the scores show the machinery "
+          "and mean nothing. Pass --clip with a real CLIP model to measure.")
+    with tempfile.TemporaryDirectory() as folder:
+        return CLIPVideoEncoder.from_pretrained(save_tiny_clip(folder), local_files_only=True, **options)
 
 
 def _run_single(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> int:
@@ -118,7 +126,7 @@ def _run_single(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> 
         )
     encoder = _load_encoder(args)
     result = core.evaluate_scenes(scenes, prompts, encoder, frame_stride=args.frame_stride)
-    result = {"video": args.video, "prompts_file": prompts_path, "clip": args.clip, **result}
+    result = {"video": args.video, "prompts_file": prompts_path, "clip": args.clip or TINY_CLIP, **result}
     output = args.output or _default_output(args)
     write_json(result, output)
     print(f"Mask²DiT evaluation of {args.video} ({result['num_scenes']} scenes, frames {result['scene_frames']})")
@@ -147,7 +155,7 @@ def _run_batch(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> i
         progress=not args.no_progress,
         on_error=report,
     )
-    batch = {"root": args.batch, "clip": args.clip, **batch}
+    batch = {"root": args.batch, "clip": args.clip or TINY_CLIP, **batch}
     output = args.output or _default_output(args)
     write_json(batch, output)
     print(f"Mask²DiT evaluation of {len(batch['samples'])} samples in {args.batch} ({len(batch['failed'])} failed)")
@@ -157,9 +165,31 @@ def _run_batch(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> i
     return 1 if batch["failed"] else 0
 
 
+# The Python API's parameter names in error messages -> the options a command-line user typed.
+_OPTION_NAMES = {
+    "`video`": "`--video`",
+    "`scene_frames`": "`--scene-frames`",
+    "`scenes_frames`": "`--video` (its scenes)",
+    "`prompts`": "`--prompts`",
+    "`batch`": "`--batch`",
+    "`path_or_id`": "`--clip`",
+}
+
+
+def _with_option_names(error: Exception) -> str:
+    message = str(error)
+    for name, option in _OPTION_NAMES.items():
+        message = message.replace(name, option)
+    return message
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mask2dit evaluate``; returns the exit code."""
+    from ..cli import check_device, fail
+
     try:
+        if check_device(args.device) == "auto":
+            args.device = None  # CLIPVideoEncoder's default: cuda if available, else cpu
         for name in ("frames_per_scene", "frame_stride", "batch_size"):
             if getattr(args, name) < 1:
                 raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1; got {getattr(args, name)}.")
@@ -167,9 +197,8 @@ def run(args: argparse.Namespace) -> int:
         if args.batch:
             return _run_batch(args, scene_frames)
         return _run_single(args, scene_frames)
-    except ValueError as error:
-        print(f"mask2dit evaluate: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # bad input, unreadable files or model
+        return fail("evaluate", _with_option_names(error))
 
 
 def register_cli(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -189,9 +218,13 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentP
     source.add_argument("--batch", help="a folder with one sample subfolder per video; prints mean and 95%% interval")
     parser.add_argument("--prompts", help="text file, one scene prompt per line (default: prompts.txt of the sample)")
     parser.add_argument("--scene-frames", help="frame count per scene, e.g. 49,49,49, to split one mp4 (or video.mp4)")
-    parser.add_argument("--clip", required=True, help="CLIP model folder (save_pretrained) or Hub id")
+    encoder = parser.add_mutually_exclusive_group(required=True)
+    encoder.add_argument("--clip", help="CLIP model folder (save_pretrained) or Hub id")
+    encoder.add_argument(
+        "--tiny-clip", action="store_true", help="a tiny random CLIP built offline: tries the command, scores mean nothing"
+    )
     parser.add_argument("--output", help="JSON file to write (default: metrics.json in the folder, <video>_metrics.json beside one mp4, metrics_summary.json in the batch root)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:N, mps (default: auto = cuda if available, else cpu)")
     parser.add_argument("--frames-per-scene", type=int, default=8, help="frames sampled evenly per scene for the video embedding (default: 8)")
     parser.add_argument("--frame-stride", type=int, default=1, help="use every N-th frame for CSCV and smoothness (default: 1)")
     parser.add_argument("--batch-size", type=int, default=32, help="frames per CLIP forward pass (default: 32)")

@@ -211,3 +211,52 @@ class CLIPVideoEncoder:
             features = self._features(self.model.get_text_features(**tokens)).float()
             features = torch.nn.functional.normalize(features, dim=-1)
         return features[0].cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny random CLIP, built offline, for trying the metrics and the command without a download
+# --------------------------------------------------------------------------------------------------
+
+TINY_CLIP_SIZE = 32  # pixels the tiny CLIP's image processor resizes and crops frames to
+TINY_CLIP_DIM = 16  # embedding width
+_TINY_CLIP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-"
+
+
+def save_tiny_clip(path: "str | os.PathLike", seed: int = 0) -> str:
+    """Save a tiny random-weight CLIP (model, character-level tokenizer, image processor) to ``path``.
+
+    It loads with :meth:`CLIPVideoEncoder.from_pretrained` like a real CLIP folder and embeds into
+    ``TINY_CLIP_DIM`` dimensions. Its weights are random (seeded by ``seed``; the global torch RNG is left as it
+    was): scores computed with it exercise the machinery and mean nothing. Returns ``path`` as a string.
+    """
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _TINY_CLIP_CHARS:  # every character alone and as a word end: no merges needed
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle)
+    with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n")
+    CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")).save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": TINY_CLIP_SIZE}, crop_size={"height": TINY_CLIP_SIZE, "width": TINY_CLIP_SIZE}
+    ).save_pretrained(path)
+    common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, **common
+        ),
+        vision_config=dict(image_size=TINY_CLIP_SIZE, patch_size=8, **common),
+        projection_dim=TINY_CLIP_DIM,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(path)
+    return path
