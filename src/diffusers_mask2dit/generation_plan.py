@@ -202,6 +202,8 @@ def extend_plan(
         )
     plan_pixel_size(pipe, height, width)  # sizes given are checked before the context is encoded
     new_counts = scene_frame_counts(pipe, num_frames, num_new_scenes, "num_frames")
+    # Checked before `context_num_frames` defaults to them.
+    check_frame_counts(new_counts, "num_frames", pipe.is_valid_num_frames, multi_scene=True)
     context_latents, context_counts = resolve_context(
         pipe, context_latents, context_frames, context_num_frames, num_context_scenes, new_counts[0], height, width,
         context_generator,
