@@ -182,6 +182,12 @@ def _fail(command: str, error: Exception) -> int:
 def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace, default_steps: int = 50) -> List[np.ndarray]:
     """All scenes of one video: one pass for up to ``--scenes-per-window`` prompts, then scene extension."""
     options = _call_options(args, default_steps)
+    if args.frames is not None and not pipe.is_valid_num_frames(args.frames):
+        # The pipeline takes any count for one scene (as CogVideoXPipeline); written scenes must re-encode exactly.
+        raise ValueError(
+            f"`num_frames` must be a count the VAE decodes back exactly (1, 9, 17, ..., 49) so that `mask2dit extend "
+            f"--from` can continue from the written scenes; got {args.frames}."
+        )
     generator = _generator(pipe._execution_device, args.seed)
     if len(prompts) <= args.scenes_per_window:
         output = pipe(prompt=prompts, generator=generator, **options)
