@@ -23,6 +23,11 @@ from diffusers_mask2dit.hub.build import BuildError, build_hub_folder, detect_ki
 from diffusers_mask2dit.hub.testing import save_fake_official_layout, save_tiny_lora
 from diffusers_mask2dit.tiny import save_tiny_cogvideox
 
+# The package modules the one-file Hub pipeline bundles, in dependency order.
+BUNDLED_MODULES = [
+    "layout", "attention", "pipeline_inputs", "transformer", "generation_plan", "release_loading", "pipeline"
+]
+
 PROMPTS = ["A cat walks slowly along the beach at sunset.", "The cat sleeps on a wooden fence."]
 CALL = dict(num_frames=9, height=64, width=64, num_inference_steps=2, guidance_scale=6.0, output_type="np")
 
@@ -53,7 +58,7 @@ def test_build_from_a_saved_pipeline(saved_pipeline, tmp_path):
     out = tmp_path / "hub"
     result = build_hub_folder(saved_pipeline, out, repo_id="me/mask2dit-ft", base_model="THUDM/CogVideoX-5b")
     assert result.kind == "pipeline" and result.card == "finetune"
-    assert result.bundled_modules == ["layout", "attention", "transformer", "pipeline"]
+    assert result.bundled_modules == BUNDLED_MODULES
     assert {"README.md", "pipeline.py", "model_index.json", "transformer/config.json"} <= set(result.files)
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "CogVideoXPipeline"

@@ -17,6 +17,11 @@ from diffusers_mask2dit.hub.bundle import (
     scan_like_diffusers,
 )
 
+# The package modules the one-file Hub pipeline bundles, in dependency order.
+BUNDLED_MODULES = [
+    "layout", "attention", "pipeline_inputs", "transformer", "generation_plan", "release_loading", "pipeline"
+]
+
 
 def _package(tmp_path: Path, files: dict, name: str = "fakepkg") -> Path:
     root = tmp_path / name
@@ -160,7 +165,7 @@ def test_bundle_of_the_real_package_loads_like_diffusers_does(tmp_path):
     from diffusers.utils.dynamic_modules_utils import find_pipeline_class
 
     bundle = bundle_pipeline()
-    assert bundle.modules == ["layout", "attention", "transformer", "pipeline"]
+    assert bundle.modules == BUNDLED_MODULES
     assert bundle.version == diffusers_mask2dit.__version__
     assert f"Generated from diffusers-mask2dit {diffusers_mask2dit.__version__}" in bundle.source
     modules, relative = scan_like_diffusers(bundle.source)
@@ -190,4 +195,4 @@ def test_cli_bundle_writes_the_file(tmp_path, capsys):
     out = tmp_path / "pipeline.py"
     assert main(["hub", "bundle", "--out", str(out)]) == 0
     assert out.read_text() == bundle_pipeline().source
-    assert "layout, attention, transformer, pipeline" in capsys.readouterr().out
+    assert ", ".join(BUNDLED_MODULES) in capsys.readouterr().out

@@ -504,6 +504,12 @@ def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace, default_
     import torch
 
     options = _call_options(args, default_steps)
+    if args.frames is not None and not pipe.is_valid_num_frames(args.frames):
+        # The pipeline takes any count for one scene (as CogVideoXPipeline); written scenes must re-encode exactly.
+        raise ValueError(
+            f"`num_frames` must be a count the VAE decodes back exactly (1, 9, 17, ..., 49) so that `mask2dit extend "
+            f"--from` can continue from the written scenes; got {args.frames}."
+        )
     generator = _generator(pipe._execution_device, args.seed)
     window = args.scenes_per_window
     if len(prompts) <= window:
