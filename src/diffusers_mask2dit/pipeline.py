@@ -52,7 +52,7 @@ from .pipeline_inputs import (
     pixel_scene,
 )
 from .release_loading import DIFFUSERS_DTYPE_KWARG, OFFICIAL_MODEL_ID, has_model_index, load_official_components
-from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, patch_aligned_frames
+from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, scene_rotary_emb
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -365,10 +365,10 @@ class Mask2DiTPipeline(CogVideoXPipeline):
 
     def _rotary_embeddings(self, plan: GenerationPlan, device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """3-D RoPE over all scenes' latent frames as one continuous sequence (RoPE transformers only)."""
-        if not self.transformer.config.use_rotary_positional_embeddings:
-            return None
-        frames = sum(patch_aligned_frames(plan.denoised_frames, self.transformer.config.patch_size_t))
-        return self._prepare_rotary_positional_embeddings(plan.height, plan.width, frames, device)
+        scale = self.vae_scale_factor_spatial
+        return scene_rotary_emb(
+            self.transformer.config, plan.height // scale, plan.width // scale, plan.denoised_frames, device
+        )
 
     def _predict_noise(self, plan, latents, context, t, prompt_embeds, negative_prompt_embeds, image_rotary_emb):
         """The transformer's prediction for the new scenes ``(B', F_new, C, h, w)``; with ``negative_prompt_embeds``
