@@ -380,12 +380,12 @@ def lora_source(path: str) -> "tuple[str, Dict[str, str]]":
 
 def load_transformer(path: str, dtype):
     """The transformer of ``--transformer`` in ``dtype``."""
-    from .pipeline import _DIFFUSERS_DTYPE_KWARG  # `dtype` or `torch_dtype`, whichever this diffusers takes
+    from .release_loading import DIFFUSERS_DTYPE_KWARG  # `dtype` or `torch_dtype`, whichever this diffusers takes
     from .transformer import Mask2DiTTransformer3DModel
 
     folder, subfolder = transformer_folder(path)
     try:
-        return Mask2DiTTransformer3DModel.from_pretrained(folder, subfolder=subfolder, **{_DIFFUSERS_DTYPE_KWARG: dtype})
+        return Mask2DiTTransformer3DModel.from_pretrained(folder, subfolder=subfolder, **{DIFFUSERS_DTYPE_KWARG: dtype})
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"`--transformer`: could not load {path!r}: {one_line(error)}") from error
 
