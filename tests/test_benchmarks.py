@@ -149,7 +149,7 @@ def _flex_vs_dense(layout, variant, device, dtype, compiled, grads):
         got = torch.autograd.grad(out, ours, grad_out.to(device, dtype))
         want = torch.autograd.grad(expected, ref, grad_out)
         for g, w in zip(got, want):
-            torch.testing.assert_close(g.double().cpu(), w, atol=5 * tolerance, rtol=5 * tolerance)
+            torch.testing.assert_close(g.double().cpu(), w, atol=2 * tolerance, rtol=2 * tolerance)
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2", "v3"])

@@ -143,3 +143,15 @@ def test_steps_share_a_process_only_in_a_dry_run():
 def test_unknown_step_is_refused():
     with pytest.raises(SystemExit):
         _driver().main(["--out", "/tmp/unused", "--steps", "attention_n9"])
+
+
+def test_past_the_deadline_steps_are_recorded_as_not_run(tmp_path):
+    driver = _driver()
+    summary = driver.drive(["env", "attention_n3"], dry_run=False, out=tmp_path, deadline_s=1)
+    assert {name: step["status"] for name, step in summary["steps"].items()} == {"env": "not run", "attention_n3": "not run"}
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"]["env"]["reason"].startswith("the 1 s deadline")
+
+
+def test_a_cut_off_json_is_reported_not_fatal(tmp_path):
+    (tmp_path / "attention_n3.json").write_text('{"results": [{"shape"')  # a process killed while writing it
+    assert _driver().headline("attention_n3", tmp_path / "attention_n3.json") == {"unreadable": "attention_n3.json"}

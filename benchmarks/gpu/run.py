@@ -57,36 +57,33 @@ class Step:
 
 CUDA_BF16 = ["--device", "cuda", "--dtype", "bfloat16"]
 CPU_FP32 = ["--device", "cpu", "--dtype", "float32"]
+
+
+def attention_step(n: int, budget_s: int, repeats: int, skip: str, dry_shape: str) -> Step:
+    """Attention at paper scale: n x (226 + 17,550) tokens, batch 2 (CFG), 48 heads x 64, bf16."""
+    common = ["--batch", "2", "--warmup", "1", "--skip", skip]
+    return Step(f"attention_n{n}", budget_s, "bench", "bench_attention.py",
+                gpu=CUDA_BF16 + ["--shape", f"{n},226,17550,48,64", "--repeats", str(repeats)] + common,
+                dry=CPU_FP32 + ["--shape", dry_shape, "--repeats", "1", "--flex", "eager"] + common,
+                output=f"attention_n{n}.json")
+
+
+TRAINING_ARGS = ["--modes", "lora", "--gradient-checkpointing", "--memory-only", "--compare-estimate", ESTIMATE_5B]
 STEPS = [
     # the CUDA tests (all of them on the GPU; in a dry run one file's, which skip there)
     Step("pytest_cuda", 90, "pytest", gpu=["tests"], dry=["tests/test_attention.py"], output="pytest_cuda.json"),
     Step("env", 30, "env"),
-    # n = 3 at paper scale: 3 x (226 + 17,550) tokens, batch 2 (CFG), 48 heads x 64, bf16
-    Step("attention_n3", 110, "bench", "bench_attention.py",
-         gpu=CUDA_BF16 + ["--shape", "3,226,17550,48,64", "--batch", "2", "--repeats", "3", "--warmup", "1",
-                          "--skip", "ours[dense]"],
-         dry=CPU_FP32 + ["--shape", "3,8,120,2,16", "--batch", "2", "--repeats", "1", "--warmup", "1",
-                         "--flex", "eager", "--skip", "ours[dense]"],
-         output="attention_n3.json"),
+    attention_step(3, 110, repeats=3, skip="ours[dense]", dry_shape="3,8,120,2,16"),
     # one denoising step of a CogVideoX-5b-sized transformer, 3 scenes x 49 frames at 480x720, CFG batch 2
     Step("transformer_step_5b", 110, "bench", "bench_pipeline.py",
          gpu=CUDA_BF16 + ["--transformer-step", "--model", "cogvideox-5b", "--repeats", "2"],
          dry=CPU_FP32 + ["--transformer-step", "--model", "quick", "--repeats", "1"],
          output="transformer_step_5b.json"),
     # the 5b LoRA training step at the same size, gradient checkpointing on: peak memory vs the estimate
-    Step("training_5b", 100, "bench", "bench_training.py",
-         gpu=CUDA_BF16 + ["--model", "cogvideox-5b", "--modes", "lora", "--gradient-checkpointing", "--memory-only",
-                          "--compare-estimate", ESTIMATE_5B],
-         dry=CPU_FP32 + ["--model", "quick", "--modes", "lora", "--gradient-checkpointing", "--memory-only",
-                         "--compare-estimate", ESTIMATE_5B],
-         output="training_5b.json"),
+    Step("training_5b", 100, "bench", "bench_training.py", gpu=CUDA_BF16 + ["--model", "cogvideox-5b"] + TRAINING_ARGS,
+         dry=CPU_FP32 + ["--model", "quick"] + TRAINING_ARGS, output="training_5b.json"),
     # n = 6 last: the longest, and the issue's goals are stated at n = 3
-    Step("attention_n6", 150, "bench", "bench_attention.py",
-         gpu=CUDA_BF16 + ["--shape", "6,226,17550,48,64", "--batch", "2", "--repeats", "2", "--warmup", "1",
-                          "--skip", "ours[dense],ours[sdpa]"],
-         dry=CPU_FP32 + ["--shape", "6,4,40,2,16", "--batch", "2", "--repeats", "1", "--warmup", "1",
-                         "--flex", "eager", "--skip", "ours[dense],ours[sdpa]"],
-         output="attention_n6.json"),
+    attention_step(6, 150, repeats=2, skip="ours[dense],ours[sdpa]", dry_shape="6,4,40,2,16"),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -166,7 +163,10 @@ def run_bench(step: Step, dry_run: bool, out: Path) -> None:
         sys.argv = argv
 
 
-def worker(names: List[str], dry_run: bool, out: Path, status_dir: Path) -> int:
+def prepare_worker_process() -> None:
+    """Import what every step imports, then freeze those objects out of the garbage collector's reach: the
+    benchmarks call gc.collect() before each measurement, which then takes milliseconds instead of ~0.3 s of CPU.
+    Only for a process of its own (a frozen object is never collected)."""
     import gc
 
     import diffusers  # noqa: F401
@@ -174,9 +174,10 @@ def worker(names: List[str], dry_run: bool, out: Path, status_dir: Path) -> int:
 
     import diffusers_mask2dit  # noqa: F401
 
-    # The benchmarks call gc.collect() before each measurement; with the imported modules' objects frozen out of
-    # the collector's reach, each call takes milliseconds instead of ~0.3 s of CPU.
     gc.freeze()
+
+
+def worker(names: List[str], dry_run: bool, out: Path, status_dir: Path) -> int:
     for name in names:
         step = STEPS[STEP_NAMES.index(name)]
         print(f"\n######## {name} ({now()})", flush=True)
@@ -283,9 +284,9 @@ def run_group(names: List[str], dry_run: bool, out: Path, work: Path, timeout_s:
     result = run_process(command, timeout_s, log)
     records, cut_short = {}, False
     for name in names:
-        path = work / f"{name}.json"
-        if path.exists():
-            records[name] = json.loads(path.read_text())
+        record = read_json(work / f"{name}.json")
+        if record is not None:
+            records[name] = record
         elif not cut_short:  # the step that was running when the process ended
             cut_short = True
             records[name] = {"status": "timeout" if result["timed_out"] else "crashed",
@@ -294,6 +295,14 @@ def run_group(names: List[str], dry_run: bool, out: Path, work: Path, timeout_s:
             records[name] = {"status": "not run", "reason": "an earlier step of its process ended it"}
         records[name]["log_tail"] = result["log_tail"] if records[name]["status"] != "ok" else ""
     return records
+
+
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON at ``path``; None if it is missing or was cut off (a process killed while writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _get(data: Any, *keys: str) -> Any:
@@ -306,9 +315,9 @@ def _get(data: Any, *keys: str) -> Any:
 
 def headline(name: str, path: Path) -> Dict[str, Any]:
     """The figures the issue asks for, read off a step's JSON (None where a step did not produce them)."""
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
+    data = read_json(path)
+    if data is None:
+        return {"unreadable": str(path.name)} if path.exists() else {}
     if name.startswith("attention"):
         result = (data.get("results") or [{}])[0]
         picked = {"complete": data.get("complete"), "ours": result.get("ours"), "out_of_memory": result.get("out_of_memory")}
@@ -364,6 +373,10 @@ def drive(names: List[str], dry_run: bool, out: Path, deadline_s: float) -> Dict
                     summary["steps"][name] = {"status": "not run", "reason": f"the {deadline_s:.0f} s deadline passed"}
                 continue
             timeout_s = min(budget + slack, left)
+            for name in group:  # no file left from an earlier run may pass for this one's
+                output = STEPS[STEP_NAMES.index(name)].output
+                if output:
+                    (out / output).unlink(missing_ok=True)
             step = STEPS[STEP_NAMES.index(group[0])]
             if step.kind == "pytest":
                 records = {step.name: run_pytest(step, dry_run, out, Path(work), timeout_s, log)}
@@ -381,7 +394,7 @@ def drive(names: List[str], dry_run: bool, out: Path, deadline_s: float) -> Dict
                 summary["headline"][name] = headline(name, out / output) if output else {}
             summary["elapsed_s"] = round(time.perf_counter() - start, 1)
             write_summary(out, summary)
-    summary["finished"] = now()
+    summary.update(finished=now(), elapsed_s=round(time.perf_counter() - start, 1))
     write_summary(out, summary)
     print(f"\n######## summary ({summary['elapsed_s']} s): "
           + ", ".join(f"{name} {record['status']}" for name, record in summary["steps"].items()), flush=True)
@@ -402,6 +415,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--out is needed (or $OUT set)")
     out = Path(args.out)
     if args.worker:
+        prepare_worker_process()
         return worker(args.worker.split(","), args.dry_run, out, Path(args.status_dir))
     names = [name.strip() for name in args.steps.split(",") if name.strip()]
     unknown = [name for name in names if name not in STEP_NAMES]
