@@ -86,6 +86,7 @@ def test_bench_attention_quick(tmp_path):
     (result,) = saved["results"]
     assert set(result["max_abs_diff_vs_dense"]) >= {"ours[sdpa]", "ours[dense]", "authors", "flex"}
     assert saved["flex"] == "eager" and result["shape"]["batch"] == 1 and saved["complete"]
+    assert result["failed"] == {} and result["out_of_memory"] == []
     for mode in ("forward", "forward_backward"):
         ratios = result["modes"][mode]["ratios"]
         for key in ("ours_over_unmasked", "dense_over_ours", "authors_over_ours", "mem_ours_over_dense", "mem_ours_over_authors"):
@@ -112,6 +113,35 @@ def test_bench_attention_skip_and_batch(tmp_path):
     assert set(result["modes"]["forward"]["methods"]) == {"ours[sdpa]", "unmasked", "dense_mask", "authors"}
     with pytest.raises(SystemExit, match="unknown"):
         _run("bench_attention", tmp_path, "--shape", "2,4,20,1,8", "--skip", "xformers")
+
+
+def test_bench_attention_leaves_out_a_method_that_fails_its_check(tmp_path, monkeypatch):
+    # a broken method is recorded and not timed; the others are still measured and saved; the run exits non-zero
+    bench = _load("bench_attention")
+    make_methods = bench.make_methods
+
+    def with_broken_methods(*args, **kwargs):
+        methods = make_methods(*args, **kwargs)
+        methods["ours[dense]"] = bench.unmasked_attention  # wrong: no mask
+
+        def raising(q, k, v):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        methods["authors"] = raising
+        return methods
+
+    monkeypatch.setattr(bench, "make_methods", with_broken_methods)
+    out = tmp_path / "attention.json"
+    with pytest.raises(SystemExit, match="failed their check"):
+        bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--shape", "2,4,20,1,8", "--flex", "off",
+                    "--output", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    assert set(result["failed"]) == {"ours[dense]", "authors"}
+    assert "differs from dense_mask" in result["failed"]["ours[dense]"]
+    assert "illegal memory access" in result["failed"]["authors"]
+    for mode in ("forward", "forward_backward"):
+        assert set(result["modes"][mode]["methods"]) == {"ours[sdpa]", "unmasked", "dense_mask"}
+        assert result["modes"][mode]["ratios"]["ours_over_unmasked"] > 0
 
 
 LAYOUTS = {"3scenes": ((8, 8, 8), (24, 24, 24)), "uneven": ((3, 5, 4), (20, 7, 33)), "1scene": ((6,), (30,))}

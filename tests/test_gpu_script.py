@@ -56,7 +56,8 @@ def test_dry_run_goes_through_every_step(tmp_path):
         result = json.loads((out / f"{name}.json").read_text())["results"][0]
         assert result["shape"]["batch"] == 2 and "ours[dense]" not in result["modes"]["forward"]["methods"]
         assert "flex" in result["max_abs_diff_vs_dense"]  # checked against the dense mask before timing
-        assert headline[name]["complete"] and headline[name]["forward"]["flex_over_ours"] > 0
+        assert headline[name]["complete"] and headline[name]["failed"] == {}
+        assert headline[name]["forward"]["flex_over_ours"] > 0
         assert headline[name]["forward"]["ours_over_unmasked"] > 0
     assert "ours[sdpa]" in json.loads((out / "attention_n3.json").read_text())["results"][0]["modes"]["forward"]["methods"]
     assert set(json.loads((out / "transformer_step_5b.json").read_text())["runs"]) == {"v2", "full_attention"}

@@ -320,7 +320,8 @@ def headline(name: str, path: Path) -> Dict[str, Any]:
         return {"unreadable": str(path.name)} if path.exists() else {}
     if name.startswith("attention"):
         result = (data.get("results") or [{}])[0]
-        picked = {"complete": data.get("complete"), "ours": result.get("ours"), "out_of_memory": result.get("out_of_memory")}
+        picked = {"complete": data.get("complete"), "ours": result.get("ours"), "out_of_memory": result.get("out_of_memory"),
+                  "failed": result.get("failed")}
         for mode in ("forward", "forward_backward"):
             ratios = _get(result, "modes", mode, "ratios") or {}
             picked[mode] = {k: ratios.get(k) for k in ("ours_over_unmasked", "flex_over_ours", "authors_over_ours",
