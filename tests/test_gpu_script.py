@@ -86,6 +86,32 @@ def test_gpu_commands_name_the_paper_scale_shapes():
     assert driver.GPU_DEADLINE_S <= 8 * 60 - 30  # one call of at most 8 minutes, the wheels' install included
 
 
+class _Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["attention_n3", "attention_n6", "transformer_step_5b", "training_5b"])
+def test_gpu_arguments_parse(name, monkeypatch):
+    # the GPU-only values (cuda, bf16, paper-scale shapes, cogvideox-5b) pass each script's own parser: stop
+    # right after parsing, where the script would ask for the GPU
+    import runpy
+
+    driver = _driver()
+    step = driver.STEPS[driver.STEP_NAMES.index(name)]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import common
+
+    def parsed(args):
+        raise _Parsed(vars(args))
+
+    monkeypatch.setattr(common, "setup", parsed)
+    monkeypatch.setattr(sys, "argv", [step.script] + driver.step_args(step, False, Path("/out")))
+    with pytest.raises(_Parsed) as caught:
+        runpy.run_path(str(REPO / "benchmarks" / step.script), run_name="__main__")
+    args = caught.value.args[0]
+    assert args["device"] == "cuda" and args["dtype"] == "bfloat16" and args["output"] == f"/out/{step.output}"
+
+
 def test_a_process_past_its_budget_is_killed_with_its_log(tmp_path):
     driver = _driver()
     with open(tmp_path / "log.txt", "w") as log:
