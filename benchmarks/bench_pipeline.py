@@ -103,6 +103,13 @@ def transformer_step_main(args, device: torch.device, dtype: torch.dtype) -> Dic
     prompt_embeds = torch.randn(batch, n * text, config["text_embed_dim"], generator=generator)
     latents, prompt_embeds = latents.to(device, dtype), prompt_embeds.to(device, dtype)
     timestep = torch.full((batch,), 500, dtype=torch.long, device=device)
+    scene_frames = [latent_frames] * n
+    # RoPE over all scenes' frames, built once per generation as the pipeline does (not part of a step); a
+    # transformer without `prepare_rotary_emb` builds it itself when given None
+    prepare_rope = getattr(model, "prepare_rotary_emb", None)
+    rope = prepare_rope(height // 8, width // 8, scene_frames, device) if prepare_rope else None
+    rope_note = "none (sincos positions)" if not config["use_rotary_positional_embeddings"] else (
+        "passed to the model" if rope is not None else "built by the model")
     video_tokens = latent_frames * (height // 8 // config["patch_size"]) * (width // 8 // config["patch_size"])
     layout = SceneLayout.uniform(n, text, video_tokens)
     print(f"transformer step: {size} random model ({common.parameter_count(model) / 1e6:,.1f} M parameters), batch "
@@ -113,7 +120,8 @@ def transformer_step_main(args, device: torch.device, dtype: torch.dtype) -> Dic
         @torch.no_grad()
         def call():
             return model(hidden_states=latents, encoder_hidden_states=prompt_embeds, timestep=timestep,
-                         scene_frames=[latent_frames] * n, attention_kwargs={"scene_mask": mask}, return_dict=False)[0]
+                         image_rotary_emb=rope, scene_frames=scene_frames, attention_kwargs={"scene_mask": mask},
+                         return_dict=False)[0]
         return call
 
     runs = {"v2": step("v2"), "full_attention": step("full")}
@@ -142,7 +150,7 @@ def transformer_step_main(args, device: torch.device, dtype: torch.dtype) -> Dic
         "video": {"height": height, "width": width, "scenes": n, "pixel_frames_per_scene": frames,
                   "latent_frames_per_scene": latent_frames, "video_tokens_per_scene": video_tokens,
                   "text_tokens_per_prompt": text, "sequence_length": layout.total},
-        "batch": batch, "repeats": repeats, "warmup": "the memory call",
+        "batch": batch, "repeats": repeats, "warmup": "the memory call", "rotary_embeddings": rope_note,
         "runs": {name: {**timings[name], "peak_extra_bytes": memory[name], "peak_total_bytes": memory[name] + weights}
                  for name in runs},
         "ratios": ratios, "goals_met": goals,

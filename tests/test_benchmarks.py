@@ -213,6 +213,9 @@ def test_transformer_step_quick(tmp_path):
         assert run["peak_total_bytes"] == run["peak_extra_bytes"] + saved["model"]["weights_bytes"]
     assert saved["ratios"]["time_v2_over_full_attention"] > 0
     assert list(saved["goals_met"]) == ["step_v2_within_1.03x_of_full"]
+    # a RoPE model (as the 5b) runs with its RoPE, as in generation
+    assert saved["model"]["config"]["use_rotary_positional_embeddings"]
+    assert saved["rotary_embeddings"] in ("passed to the model", "built by the model")
 
 
 def test_training_memory_only_compared_with_an_estimate(tmp_path):
