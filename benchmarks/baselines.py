@@ -5,13 +5,16 @@ None of these is used by the package itself; they exist only to be measured side
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from diffusers_mask2dit import SceneLayout, build_dense_mask
+from diffusers_mask2dit.layout import TEXT, VIDEO, allowed
 
 
 def unmasked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -106,3 +109,95 @@ def check_authors_matches_dense(layout: SceneLayout, batch: int = 2, heads: int 
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
         worst = max(worst, (got - want).abs().max().item())
     return worst
+
+
+# --------------------------------------------------------------------------------------------------
+# FlexAttention (torch.nn.attention.flex_attention): what an expert would reach for to run a custom mask.
+# --------------------------------------------------------------------------------------------------
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_mask_mod(layout: SceneLayout, variant: str, device: torch.device) -> Callable:
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for ``variant`` over ``layout``, read off the
+    layout rules (:func:`diffusers_mask2dit.layout.allowed`): it allows exactly the pairs of
+    ``build_dense_mask(layout, variant)``.
+
+    Every variant lets a scene's tokens see each other; on top of that a (query kind, key kind) pair whose
+    rule is "all scenes" is allowed across scenes. Written as a few boolean ops on per-token tables so that
+    ``create_block_mask`` (which evaluates it over all L×L pairs) needs about 3 bytes per pair.
+    """
+    scene = torch.empty(layout.total, dtype=torch.int32)
+    is_video = torch.zeros(layout.total, dtype=torch.bool)
+    for kind in (TEXT, VIDEO):
+        for index, (start, end) in enumerate(layout.segments(kind)):
+            scene[start:end] = index
+    is_video[layout.text_total :] = True
+    scene, is_video = scene.to(device), is_video.to(device)
+    flags = {TEXT: ~is_video, VIDEO: is_video}
+    pairs = [(q, k) for q in (TEXT, VIDEO) for k in (TEXT, VIDEO)]
+    if not all(allowed(variant, q, 0, k, 0) for q, k in pairs):
+        raise ValueError(f"mask {variant!r} forbids pairs within a scene; flex_mask_mod does not cover that case.")
+    across = [(flags[q], flags[k]) for q, k in pairs if allowed(variant, q, 0, k, 1)]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = scene[q_idx] == scene[kv_idx]
+        for query_flags, key_flags in across:
+            keep = keep | (query_flags[q_idx] & key_flags[kv_idx])
+        return keep
+
+    return mask_mod
+
+
+def flex_block_mask(layout: SceneLayout, variant: str, device: torch.device, block_size: int = 128):
+    """The ``BlockMask`` of ``variant`` over ``layout`` (one for every batch item and head), built by
+    ``create_block_mask`` from :func:`flex_mask_mod`. Built once per layout and reused by every call, as a
+    model would share it between its layers."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = flex_mask_mod(layout, variant, device)
+    return create_block_mask(mask_mod, None, None, layout.total, layout.total, device=device, BLOCK_SIZE=block_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_scene_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, compiled: bool = True,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """FlexAttention with ``block_mask`` (see :func:`flex_block_mask`), ``(B, H, L, D)`` in and out.
+
+    ``compiled``: through ``torch.compile`` (fused kernels, the way FlexAttention is meant to run); eager
+    FlexAttention materialises the full score matrix and is for small checks only.
+    """
+    if compiled:
+        return _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+
+
+def flex_backward_error(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if FlexAttention's backward runs on ``device`` (tried eagerly on a 128-token sequence), else what
+    failed (torch 2.13 has no CPU backward: ``flex_attention`` refuses CPU inputs that require grad)."""
+    layout = SceneLayout.uniform(2, 16, 48)
+    tensors = [torch.randn(1, 1, layout.total, 16, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    try:
+        out = flex_scene_attention(*tensors, flex_block_mask(layout, "v2", device), compiled=False)
+        torch.autograd.grad(out.sum(), tensors)
+    except (NotImplementedError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}".splitlines()[0]
+    return None

@@ -7,9 +7,13 @@ Methods (all computing the v2 mask except `unmasked`):
   unmasked     SDPA over the whole sequence with no mask (the ceiling: v2 keeps ~98% of its pairs)
   dense_mask   SDPA with a prebuilt L×L boolean mask (its bytes are counted as extra memory)
   authors      the authors' approach (video K/V repeated per scene), see baselines.py
+  flex         FlexAttention (torch.nn.attention.flex_attention) with the v2 BlockMask, torch.compile'd;
+               the BlockMask is built once per shape, outside the timings (its cost is reported apart).
+               torch 2.13 has no FlexAttention backward on CPU: there it runs in the forward table only.
 
 Every method is first checked against the dense-mask result (forward and gradients) at the benchmark
 shape, then timed round-robin (median), then its peak extra memory is measured in a separate call.
+``--skip`` leaves methods out (e.g. ``ours[dense]``, which rebuilds the L×L mask on every call, at paper scale).
 
     python benchmarks/bench_attention.py            # CPU, fp32, the issue's CPU shapes
     python benchmarks/bench_attention.py --quick    # tiny shapes, seconds
@@ -28,14 +32,24 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, List
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from baselines import authors_scene_attention, check_authors_matches_dense, dense_mask_attention, unmasked_attention  # noqa: E402
+from baselines import (  # noqa: E402
+    authors_scene_attention,
+    check_authors_matches_dense,
+    dense_mask_attention,
+    flex_available,
+    flex_backward_error,
+    flex_block_mask,
+    flex_scene_attention,
+    unmasked_attention,
+)
 
 from diffusers_mask2dit import SceneLayout, build_dense_mask, scene_attention  # noqa: E402
 from diffusers_mask2dit.attention import flash_varlen_available, resolve_backend  # noqa: E402
@@ -50,9 +64,13 @@ GOALS = {
     "ours_over_unmasked_max": 1.10,
     "dense_over_ours_min": 1.5,
     "authors_over_ours_min": 1.0,
+    "flex_over_ours_min": 1.0,
     "mem_ours_over_dense_max": 0.10,
     "mem_ours_over_authors_max": 0.5,
 }
+# Issue 12 holds the GPU to FlashAttention's own speed: ours within 2% of unmasked flash attention.
+GPU_GOALS = dict(GOALS, ours_over_unmasked_max=1.02)
+MODES = ("forward", "forward_backward")
 
 
 def is_oom(error: BaseException) -> bool:
@@ -66,7 +84,10 @@ def parse_shape(text: str):
     return tuple(parts)
 
 
-def make_methods(layout: SceneLayout, device: torch.device, dtype: torch.dtype, mask: torch.Tensor) -> Dict[str, Callable]:
+def make_methods(layout: SceneLayout, device: torch.device, dtype: torch.dtype, mask: torch.Tensor,
+                 flex_mode: str = "off", block_mask=None) -> Dict[str, Callable]:
+    """Every method of the table, by name; ``flex`` (FlexAttention with a v2 BlockMask) when ``flex_mode`` is
+    ``"compiled"`` or ``"eager"`` and ``block_mask`` is given."""
     methods: Dict[str, Callable] = {
         "ours[sdpa]": lambda q, k, v: scene_attention(q, k, v, layout, "v2", backend="sdpa"),
     }
@@ -76,149 +97,244 @@ def make_methods(layout: SceneLayout, device: torch.device, dtype: torch.dtype, 
     methods["unmasked"] = lambda q, k, v: unmasked_attention(q, k, v)
     methods["dense_mask"] = lambda q, k, v: dense_mask_attention(q, k, v, mask)
     methods["authors"] = lambda q, k, v: authors_scene_attention(q, k, v, layout)
+    if flex_mode != "off" and block_mask is not None:
+        compiled = flex_mode == "compiled"
+        methods["flex"] = lambda q, k, v: flex_scene_attention(q, k, v, block_mask, compiled=compiled)
     return methods
 
 
-def run_shape(shape, args, device, dtype) -> Dict[str, Any]:
-    n, text, video, heads, dim = shape
-    layout = SceneLayout.uniform(n, text, video)
-    batch = 1
-    L = layout.total
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, L, dim, generator=generator).to(device=device, dtype=dtype) for _ in range(3))
-    grad_out = torch.randn(batch, heads, L, dim, generator=generator).to(device=device, dtype=dtype)
-    mask = build_dense_mask(layout, "v2").to(device)
-    mask_bytes = mask.numel() * mask.element_size()
-    methods = make_methods(layout, device, dtype, mask)
+def select_methods(methods: Dict[str, Callable], skip: List[str]) -> Tuple[Dict[str, Callable], str]:
+    """``methods`` without those named in ``skip``, and the name of ours as ``auto`` runs it (never skipped)."""
     ours_name = "ours[flash]" if "ours[flash]" in methods else "ours[sdpa]"
-    auto_backend = resolve_backend("auto", q)
-    print(f"\n== n={n} text={text} video={video} heads={heads} dim={dim}: L={L}, v2 keeps "
-          f"{allowed_pair_fraction(layout, 'v2') * 100:.2f}% of pairs; auto backend -> {auto_backend}", flush=True)
+    unknown = sorted(set(skip) - set(methods) - {"ours[flash]", "flex"})
+    if unknown:
+        raise SystemExit(f"--skip names unknown methods {unknown}; the methods are {sorted(methods)}")
+    if ours_name in skip:
+        print(f"   --skip: {ours_name} is what backend='auto' runs here; it is kept", flush=True)
+    return {name: fn for name, fn in methods.items() if name not in skip or name == ours_name}, ours_name
 
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    check: Dict[str, float] = {}
 
-    def forward_fn(fn):
+def build_flex(layout: SceneLayout, device: torch.device, dtype: torch.dtype, flex_mode: str) -> Dict[str, Any]:
+    """FlexAttention's BlockMask for v2 (built once, outside the timings), the seconds and bytes it took,
+    and why its backward cannot run here (None when it can)."""
+    info: Dict[str, Any] = {"mode": flex_mode, "block_mask": None}
+    if flex_mode == "off":
+        return info
+    if not flex_available():
+        info["unavailable"] = "torch.nn.attention.flex_attention is missing in this torch"
+        return info
+    common.synchronize(device)
+    start = time.perf_counter()
+    try:
+        with common.peak_extra_memory(device) as peak:
+            info["block_mask"] = flex_block_mask(layout, "v2", device)
+    except Exception as error:  # noqa: BLE001 - the other methods are still measured
+        info["error"] = f"{type(error).__name__}: {error}"[:2000]
+        common.free_memory(device)
+        return info
+    common.synchronize(device)
+    info["block_mask_seconds"] = time.perf_counter() - start
+    info["block_mask_peak_bytes"] = peak["peak_bytes"]
+    info["backward_error"] = flex_backward_error(device, dtype)
+    return info
+
+
+class Inputs:
+    """q, k, v (no grad), their grad-requiring copies and the incoming gradient of one shape."""
+
+    def __init__(self, batch: int, heads: int, length: int, dim: int, device: torch.device, dtype: torch.dtype):
+        # drawn where they live: billions of CPU draws would cost seconds of a GPU lease at paper scale
+        generator = torch.Generator(device=device).manual_seed(0)
+        draw = lambda: torch.randn(batch, heads, length, dim, generator=generator, device=device).to(dtype)  # noqa: E731
+        self.q, self.k, self.v = draw(), draw(), draw()
+        self.grad_out = draw()
+        self.leaves = [t.detach().clone().requires_grad_() for t in (self.q, self.k, self.v)]
+
+    def forward_fn(self, fn):
         def call():
             with torch.no_grad():
-                return fn(q, k, v)
+                return fn(self.q, self.k, self.v)
         return call
 
-    def fwd_bwd_fn(fn):
+    def fwd_bwd_fn(self, fn):
         def call():
-            out = fn(*leaves)
-            return torch.autograd.grad(out, leaves, grad_out)
+            out = fn(*self.leaves)
+            return torch.autograd.grad(out, self.leaves, self.grad_out)
         return call
 
-    # 1. Correctness at this shape: every method vs the dense-mask result (the calls double as a warm-up).
-    #    A method that runs out of GPU memory is recorded as "OOM" and left out of the rest.
-    tol = 2e-3 if dtype == torch.float32 else 3e-2
+
+def relative_error(out, ref) -> float:
+    return (out - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+
+
+def check_methods(methods: Dict[str, Callable], modes: Dict[str, List[str]], inputs: Inputs, tol: float,
+                  device: torch.device) -> Dict[str, Any]:
+    """Every method's output (and gradients, where it runs a backward) vs the dense-mask result, at the benchmark
+    shape; the calls double as a warm-up (and compile FlexAttention). The first method that ran is the reference
+    (the dense mask unless it ran out of memory). A method that runs out of GPU memory is listed in
+    ``out_of_memory``; one that raises or differs beyond ``tol`` in ``failed``: either is left out of the timings,
+    and the others are still measured (a GPU lease is not spent again for one broken method)."""
+    check: Dict[str, float] = {}
     oom: List[str] = []
-    outputs: Dict[str, Any] = {}
+    failed: Dict[str, str] = {}
+    ref: Dict[str, Any] = {}
     for name in ["dense_mask"] + [m for m in methods if m != "dense_mask"]:
         try:
-            out = forward_fn(methods[name])().float()
-            grads = [g.float() for g in fwd_bwd_fn(methods[name])()]
-        except RuntimeError as error:
-            if not is_oom(error):
-                raise
-            oom.append(name)
+            out = inputs.forward_fn(methods[name])().float()
+            with_grads = name in modes["forward_backward"]
+            grads = [g.float() for g in inputs.fwd_bwd_fn(methods[name])()] if with_grads else []
+        except Exception as error:  # noqa: BLE001 - recorded, and the method left out
+            if is_oom(error):
+                oom.append(name)
+            else:
+                failed[name] = f"{type(error).__name__}: {error}"[:2000]
+                print(f"   CHECK FAILED: {name} raised {failed[name]}", flush=True)
             common.free_memory(device)
             continue
-        if not outputs:  # the first method that ran is the reference: the dense mask unless it ran out of memory
-            outputs["reference"], outputs["reference_name"], outputs["reference_grads"] = out, name, grads
+        if not ref:
+            ref.update(out=out, name=name, grads=grads)
             continue
-        ref, ref_grads = outputs["reference"], outputs["reference_grads"]
         if name == "unmasked":
-            outputs["unmasked_diff"] = (out - ref).abs().max().item()
+            ref["unmasked_diff"] = (out - ref["out"]).abs().max().item()
             continue
-        err = max([(out - ref).abs().max().item() / max(1.0, ref.abs().max().item())]
-                  + [(g - r).abs().max().item() / max(1.0, r.abs().max().item()) for g, r in zip(grads, ref_grads)])
+        err = max([relative_error(out, ref["out"])] + [relative_error(g, r) for g, r in zip(grads, ref["grads"])])
         check[name] = err
         if not err <= tol:
-            raise AssertionError(f"{name} differs from {outputs['reference_name']} by {err:.3g} (tolerance {tol})")
+            failed[name] = f"differs from {ref['name']} by {err:.3g} (tolerance {tol})"
+            print(f"   CHECK FAILED: {name} {failed[name]}", flush=True)
         del out, grads
-    reference_name, unmasked_diff = outputs.get("reference_name"), outputs.get("unmasked_diff", float("nan"))
-    outputs.clear()
-    common.free_memory(device)
-    for name in oom:
-        methods.pop(name)
-    print(f"   correctness vs {reference_name} (max abs diff, fwd+grads): "
-          + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + f"; unmasked differs by {unmasked_diff:.2f}"
-          + (f"; out of memory: {oom}" if oom else ""), flush=True)
+    return {"max_abs_diff_vs_dense": check, "reference": ref.get("name"), "out_of_memory": oom, "failed": failed,
+            "unmasked_diff": ref.get("unmasked_diff", float("nan"))}
 
-    # 2. Timing, round-robin, per mode.
+
+def memory_not_measured(device: torch.device) -> Dict[str, str]:
+    """Methods whose memory cannot be measured on ``device``, and why."""
+    if device.type == "cuda":
+        return {}
+    return {"flex": "on CPU, common.LiveBytes (a TorchDispatchMode) cannot see inside FlexAttention's "
+                    "higher-order op nor a torch.compile'd kernel's buffers; measured on CUDA only"}
+
+
+def measure_mode(methods: Dict[str, Callable], names: List[str], maker, device, args, mask_bytes: int):
+    """Median times (round-robin) and peak extra memory (one call each) of the methods ``names`` in one mode
+    (``maker`` turns a method into that mode's call)."""
     warmup = max(0, args.warmup - 1)  # the correctness calls were the first warm-up
-    timings = {
-        "forward": common.time_round_robin({k: forward_fn(f) for k, f in methods.items()}, device, warmup, args.repeats),
-        "forward_backward": common.time_round_robin({k: fwd_bwd_fn(f) for k, f in methods.items()}, device, warmup, args.repeats),
-    }
-
-    # 3. Peak extra memory, one call each (inputs, and for fwd+bwd the incoming gradient, excluded).
-    memory: Dict[str, Dict[str, int]] = {"forward": {}, "forward_backward": {}}
-    for name, fn in methods.items():
-        for mode, maker in (("forward", forward_fn), ("forward_backward", fwd_bwd_fn)):
-            common.free_memory(device)
-            extra = common.measure_memory(maker(fn), device)
-            if name == "dense_mask":
-                extra += mask_bytes  # the prebuilt mask exists only for this method
-            memory[mode][name] = extra
+    timings = common.time_round_robin({name: maker(methods[name]) for name in names}, device, warmup, args.repeats)
+    memory: Dict[str, Any] = {}
+    for name in names:
+        if name in memory_not_measured(device):
+            memory[name] = None
+            continue
+        common.free_memory(device)
+        extra = common.measure_memory(maker(methods[name]), device)
+        memory[name] = extra + (mask_bytes if name == "dense_mask" else 0)  # the prebuilt mask is its own
     common.free_memory(device)
+    return timings, memory
 
+
+def mode_report(mode: str, timings, memory, ours_name: str, goals_limits: Dict[str, float], title: str,
+                device: torch.device) -> Dict[str, Any]:
+    """Ratios, goals and the printed table of one mode (forward or forward+backward)."""
+    t = {name: timing["median_s"] for name, timing in timings.items()}
+    m = memory
+    ratios = {
+        "ours_over_unmasked": common.ratio(t.get(ours_name), t.get("unmasked")),
+        "dense_over_ours": common.ratio(t.get("dense_mask"), t.get(ours_name)),
+        "authors_over_ours": common.ratio(t.get("authors"), t.get(ours_name)),
+        "flex_over_ours": common.ratio(t.get("flex"), t.get(ours_name)),
+        "ours_dense_backend_over_ours": common.ratio(t.get("ours[dense]"), t.get(ours_name)),
+        "mem_ours_over_dense": common.ratio(m.get(ours_name), m.get("dense_mask")),
+        "mem_ours_over_authors": common.ratio(m.get(ours_name), m.get("authors")),
+        "mem_ours_over_flex": common.ratio(m.get(ours_name), m.get("flex")),
+        "mem_ours_over_unmasked": common.ratio(m.get(ours_name), m.get("unmasked")),
+    }
+    if ours_name == "ours[flash]":
+        ratios["sdpa_backend_over_flash"] = common.ratio(t.get("ours[sdpa]"), t.get(ours_name))
+
+    def goal(value, limit, at_most):
+        if value is None:
+            return None  # a method did not run (out of memory, skipped, no backward)
+        return value <= limit if at_most else value >= limit
+
+    g = goals_limits
+    goals = {
+        f"ours_within_{g['ours_over_unmasked_max']:.2f}x_of_unmasked": goal(ratios["ours_over_unmasked"], g["ours_over_unmasked_max"], True),
+        f"at_least_{g['dense_over_ours_min']:.1f}x_faster_than_dense": goal(ratios["dense_over_ours"], g["dense_over_ours_min"], False),
+        "not_slower_than_authors": goal(ratios["authors_over_ours"], g["authors_over_ours_min"], False),
+        "not_slower_than_flex": goal(ratios["flex_over_ours"], g["flex_over_ours_min"], False),
+        "mem_under_10pct_of_dense": goal(ratios["mem_ours_over_dense"], g["mem_ours_over_dense_max"], True),
+        "mem_under_half_of_authors": goal(ratios["mem_ours_over_authors"], g["mem_ours_over_authors_max"], True),
+    }
+    rows = [[name, common.fmt_time(t[name]), common.fmt_ratio(common.ratio(t[name], t.get("unmasked"))),
+             common.fmt_bytes(m[name])] for name in timings]
+    common.print_table(f"-- {mode.replace('_', '+')} {title}",
+                       ["method", f"median {common.time_basis(device)}", "vs unmasked", "peak extra mem"], rows)
+    print("   ratios: " + ", ".join(f"{k}={common.fmt_ratio(v)}" for k, v in ratios.items() if v is not None))
+    print("   goals:  " + ", ".join(f"{k}={'n/a' if ok is None else ('met' if ok else 'MISSED')}"
+                                  for k, ok in goals.items()), flush=True)
+    return {"methods": {name: {**timings[name], "peak_extra_bytes": m[name]} for name in timings},
+            "ratios": ratios, "goals_met": goals}
+
+
+def run_shape(shape, args, device, dtype, on_mode: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    n, text, video, heads, dim = shape
+    layout = SceneLayout.uniform(n, text, video)
+    L = layout.total
+    mask = build_dense_mask(layout, "v2").to(device)
+    mask_bytes = mask.numel() * mask.element_size()
+    flex = build_flex(layout, device, dtype, args.flex)
+    methods, ours_name = select_methods(make_methods(layout, device, dtype, mask, args.flex, flex["block_mask"]), args.skip)
+    not_run = {"forward_backward": {}}
+    if "flex" in methods and flex["backward_error"]:
+        not_run["forward_backward"]["flex"] = flex["backward_error"]
+    modes = {"forward": list(methods), "forward_backward": [m for m in methods if m not in not_run["forward_backward"]]}
+    inputs = Inputs(args.batch, heads, L, dim, device, dtype)
+    auto_backend = resolve_backend("auto", inputs.q)
+    print(f"\n== n={n} text={text} video={video} heads={heads} dim={dim} batch={args.batch}: L={L}, v2 keeps "
+          f"{allowed_pair_fraction(layout, 'v2') * 100:.2f}% of pairs; auto backend -> {auto_backend}"
+          + (f"; flex BlockMask built in {flex['block_mask_seconds']:.2f} s" if flex["block_mask"] is not None else "")
+          + "".join(f"; {name}: no backward ({why})" for name, why in not_run["forward_backward"].items()), flush=True)
+
+    # 1. Correctness at this shape: every method vs the dense-mask result (the calls double as a warm-up).
+    checked = check_methods(methods, modes, inputs, 2e-3 if dtype == torch.float32 else 3e-2, device)
+    if "error" in flex:
+        checked["failed"]["flex"] = f"building its BlockMask: {flex['error']}"
+    common.free_memory(device)
+    for name in checked["out_of_memory"] + [name for name in checked["failed"] if name in methods]:
+        methods.pop(name)
+        for names in modes.values():
+            names.remove(name)
+    print(f"   correctness vs {checked['reference']} (max abs diff, fwd+grads): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in checked["max_abs_diff_vs_dense"].items())
+          + f"; unmasked differs by {checked['unmasked_diff']:.2f}"
+          + (f"; out of memory: {checked['out_of_memory']}" if checked["out_of_memory"] else "")
+          + (f"; FAILED, not timed: {sorted(checked['failed'])}" if checked["failed"] else ""), flush=True)
+
+    flex.pop("block_mask")
     result: Dict[str, Any] = {
         "shape": {"num_scenes": n, "text_per_scene": text, "video_per_scene": video, "heads": heads, "head_dim": dim,
-                  "batch": batch, "sequence_length": L},
+                  "batch": args.batch, "sequence_length": L},
         "v2_pair_fraction": allowed_pair_fraction(layout, "v2"),
         "auto_backend": auto_backend,
         "ours": ours_name,
-        "max_abs_diff_vs_dense": check,
-        "reference": reference_name,
-        "out_of_memory": oom,
+        **{k: v for k, v in checked.items() if k != "unmasked_diff"},
+        "not_run": not_run,
+        "memory_not_measured": {k: v for k, v in memory_not_measured(device).items() if k in methods},
+        "flex": flex,
         "dense_mask_bytes": mask_bytes,
-        "output_bytes": q.numel() * q.element_size(),
+        "output_bytes": inputs.q.numel() * inputs.q.element_size(),
         "modes": {},
     }
-    for mode in ("forward", "forward_backward"):
-        t = {name: timings[mode][name]["median_s"] for name in methods}
-        m = memory[mode]
-        ratios = {
-            "ours_over_unmasked": common.ratio(t.get(ours_name), t.get("unmasked")),
-            "dense_over_ours": common.ratio(t.get("dense_mask"), t.get(ours_name)),
-            "authors_over_ours": common.ratio(t.get("authors"), t.get(ours_name)),
-            "ours_dense_backend_over_ours": common.ratio(t.get("ours[dense]"), t.get(ours_name)),
-            "mem_ours_over_dense": common.ratio(m.get(ours_name), m.get("dense_mask")),
-            "mem_ours_over_authors": common.ratio(m.get(ours_name), m.get("authors")),
-            "mem_ours_over_unmasked": common.ratio(m.get(ours_name), m.get("unmasked")),
-        }
-        if ours_name == "ours[flash]":
-            ratios["sdpa_backend_over_flash"] = common.ratio(t.get("ours[sdpa]"), t.get(ours_name))
-
-        def goal(value, limit, at_most):
-            if value is None:
-                return None  # a method ran out of memory
-            return value <= limit if at_most else value >= limit
-
-        goals = {
-            "ours_within_1.10x_of_unmasked": goal(ratios["ours_over_unmasked"], GOALS["ours_over_unmasked_max"], True),
-            "at_least_1.5x_faster_than_dense": goal(ratios["dense_over_ours"], GOALS["dense_over_ours_min"], False),
-            "not_slower_than_authors": goal(ratios["authors_over_ours"], GOALS["authors_over_ours_min"], False),
-            "mem_under_10pct_of_dense": goal(ratios["mem_ours_over_dense"], GOALS["mem_ours_over_dense_max"], True),
-            "mem_under_half_of_authors": goal(ratios["mem_ours_over_authors"], GOALS["mem_ours_over_authors_max"], True),
-        }
-        result["modes"][mode] = {
-            "methods": {name: {**timings[mode][name], "peak_extra_bytes": m[name]} for name in methods},
-            "ratios": ratios,
-            "goals_met": goals,
-        }
-        rows = []
-        for name in methods:
-            rows.append([name, common.fmt_time(t[name]), common.fmt_ratio(common.ratio(t[name], t.get("unmasked"))),
-                         common.fmt_bytes(m[name])])
-        common.print_table(f"-- {mode.replace('_', '+')} (n={n}, video {video}/scene, {heads}x{dim}, {str(dtype)[6:]})",
-                           ["method", f"median {common.time_basis(device)}", "vs unmasked", "peak extra mem"], rows)
-        print("   ratios: " + ", ".join(f"{k}={common.fmt_ratio(v)}" for k, v in ratios.items()))
-        print("   goals:  " + ", ".join(f"{k}={'n/a (OOM)' if ok is None else ('met' if ok else 'MISSED')}"
-                                      for k, ok in goals.items()), flush=True)
+    # 2. Timing, round-robin, then 3. peak extra memory, one call each (the inputs excluded); one mode at a time,
+    #    each reported (and handed to ``on_mode``, which saves it) as soon as it is measured.
+    goals = GPU_GOALS if device.type == "cuda" else GOALS
+    title = f"(n={n}, video {video}/scene, batch {args.batch}, {heads}x{dim}, {str(dtype)[6:]})"
+    makers = {"forward": inputs.forward_fn, "forward_backward": inputs.fwd_bwd_fn}
+    for mode in MODES:
+        timings, memory = measure_mode(methods, modes[mode], makers[mode], device, args, mask_bytes)
+        result["modes"][mode] = mode_report(mode, timings, memory, ours_name, goals, title, device)
+        if on_mode:
+            on_mode(result)
     return result
 
 
@@ -287,7 +403,16 @@ def main(argv=None) -> Dict[str, Any]:
                         help="n,text,video,heads,dim per scene (repeatable); default: the issue's shapes")
     parser.add_argument("--estimate-memory", action="store_true",
                         help="no GPU needed: peak memory of each method at the GPU shapes, from fake tensors")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default 1 on CPU; 2 on CUDA, as with classifier-free guidance)")
+    parser.add_argument("--flex", choices=("compiled", "eager", "off"), default=None,
+                        help="FlexAttention baseline: torch.compile'd (default), eager (materialises the scores; "
+                             "default with --quick) or off")
+    parser.add_argument("--skip", default="",
+                        help="comma list of methods to leave out, e.g. 'ours[dense],ours[sdpa]' (what backend='auto' "
+                             "runs is always kept)")
     args = parser.parse_args(argv)
+    args.skip = [name.strip() for name in args.skip.split(",") if name.strip()]
     if args.estimate_memory:
         dtype = common.setup_estimate(args)
         return estimate_main(args, args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES), dtype)
@@ -297,6 +422,10 @@ def main(argv=None) -> Dict[str, Any]:
         args.repeats = 3 if args.quick else 5
     if args.warmup is None:
         args.warmup = 1 if device.type == "cpu" else 2
+    if args.batch is None:
+        args.batch = 2 if device.type == "cuda" else 1
+    if args.flex is None:
+        args.flex = "eager" if args.quick else "compiled"
     shapes = args.shape or (QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
 
     # The authors' approach must compute the same v2 attention before it is timed.
@@ -306,7 +435,6 @@ def main(argv=None) -> Dict[str, Any]:
     info = common.machine_info(device)
     print(f"attention benchmark on {info['cpu'] if device.type == 'cpu' else info.get('gpu')}, torch {torch.__version__}, "
           f"{info['torch_threads']} threads, {str(dtype)[6:]}, {info['date']}", flush=True)
-    results: List[Dict[str, Any]] = [run_shape(shape, args, device, dtype) for shape in shapes]
     payload = {
         "benchmark": "attention",
         "machine": info,
@@ -314,10 +442,26 @@ def main(argv=None) -> Dict[str, Any]:
         "quick": args.quick,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "goals": GOALS,
-        "results": results,
+        "batch": args.batch,
+        "flex": args.flex,
+        "skipped_methods": args.skip,
+        "goals": GPU_GOALS if device.type == "cuda" else GOALS,
+        "complete": False,
+        "results": [],
     }
+    done: List[Dict[str, Any]] = []
+
+    def save_progress(result: Dict[str, Any]) -> None:
+        # a run stopped part-way (a time limit on the GPU) keeps what it measured
+        common.save_json(dict(payload, results=done + [result]), "attention", args)
+
+    for shape in shapes:
+        done.append(run_shape(shape, args, device, dtype, on_mode=save_progress))
+    payload.update(results=done, complete=True)
     common.save_json(payload, "attention", args)
+    failed = {name: why for result in done for name, why in result["failed"].items()}
+    if failed:  # saved first: what did run is kept
+        raise SystemExit(f"methods failed their check against the dense mask and were not timed: {failed}")
     return payload
 
 

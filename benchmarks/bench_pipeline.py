@@ -19,6 +19,11 @@ time of one extra scene vs a fresh 3-scene generation.
     python benchmarks/bench_pipeline.py                 # CPU, mid-size random model
     python benchmarks/bench_pipeline.py --quick         # tiny, seconds
     python benchmarks/bench_pipeline.py --device cuda --dtype bfloat16   # CogVideoX-5b-sized, 480x720x49
+
+``--transformer-step`` times one denoising step of the transformer alone (the CFG batch of 2, real 5b I/O
+widths, no VAE or text encoder) with the v2 mask against the same model with ``full`` attention:
+
+    python benchmarks/bench_pipeline.py --transformer-step --device cuda --dtype bfloat16   # 5b-sized, 3 x 49 frames
 """
 
 from __future__ import annotations
@@ -71,6 +76,89 @@ def build_pipelines(size: str, device: torch.device, dtype: torch.dtype, text_to
     return stock, ours
 
 
+STEP_GOAL_RATIO = 1.03  # issue 12: a 5b-sized denoising step with v2 within 3% of the same step with `full`
+
+
+def transformer_step_main(args, device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+    """``--transformer-step``: one denoising step of the transformer alone (the CFG batch of 2, no scheduler, VAE
+    or text encoder), with the v2 mask vs the same model with ``full`` attention: time and peak memory.
+
+    The model is built directly on ``device`` with the real I/O widths at 2b/5b size (16 latent channels,
+    4096-dim text embeddings). Each mask's first call measures its peak extra memory and is its warm-up.
+    """
+    from diffusers_mask2dit import Mask2DiTTransformer3DModel
+
+    size = args.model or ("quick" if args.quick else ("cogvideox-5b" if device.type == "cuda" else "cpu-mid"))
+    repeats = args.repeats or (1 if args.quick else 2)
+    n, text, batch = args.scenes, args.text_tokens, 2 if args.guidance > 1 else 1
+    height, width, frames = common.VIDEO_SIZES[size]
+    config = common.transformer_config(size, max_text_seq_length=text, **common.model_overrides(size))
+    info = common.machine_info(device)
+    model = Mask2DiTTransformer3DModel.from_cogvideox(
+        common.build_random_transformer(size, device, dtype, max_text_seq_length=text, **common.model_overrides(size))
+    )
+    latent_frames = (frames - 1) // 4 + 1
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, n * latent_frames, config["in_channels"], height // 8, width // 8, generator=generator)
+    prompt_embeds = torch.randn(batch, n * text, config["text_embed_dim"], generator=generator)
+    latents, prompt_embeds = latents.to(device, dtype), prompt_embeds.to(device, dtype)
+    timestep = torch.full((batch,), 500, dtype=torch.long, device=device)
+    scene_frames = [latent_frames] * n
+    # RoPE over all scenes' frames, built once per generation as the pipeline does (not part of a step); a
+    # transformer without `prepare_rotary_emb` builds it itself when given None
+    prepare_rope = getattr(model, "prepare_rotary_emb", None)
+    rope = prepare_rope(height // 8, width // 8, scene_frames, device) if prepare_rope else None
+    rope_note = "none (sincos positions)" if not config["use_rotary_positional_embeddings"] else (
+        "passed to the model" if rope is not None else "built by the model")
+    video_tokens = latent_frames * (height // 8 // config["patch_size"]) * (width // 8 // config["patch_size"])
+    layout = SceneLayout.uniform(n, text, video_tokens)
+    print(f"transformer step: {size} random model ({common.parameter_count(model) / 1e6:,.1f} M parameters), batch "
+          f"{batch}, {n} scenes x {frames} frames at {height}x{width} (L = {layout.total}), {str(dtype)[6:]}, "
+          f"{info['cpu'] if device.type == 'cpu' else info.get('gpu')}, {info['date']}", flush=True)
+
+    def step(mask: str) -> Callable[[], Any]:
+        @torch.no_grad()
+        def call():
+            return model(hidden_states=latents, encoder_hidden_states=prompt_embeds, timestep=timestep,
+                         image_rotary_emb=rope, scene_frames=scene_frames, attention_kwargs={"scene_mask": mask},
+                         return_dict=False)[0]
+        return call
+
+    runs = {"v2": step("v2"), "full_attention": step("full")}
+    memory = {}
+    for name, fn in runs.items():
+        common.free_memory(device)
+        memory[name] = common.measure_memory(fn, device)
+    timings = common.time_round_robin(runs, device, args.warmup or 0, repeats)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    t = {name: timings[name]["median_s"] for name in runs}
+    ratios = {"time_v2_over_full_attention": common.ratio(t["v2"], t["full_attention"]),
+              "mem_v2_over_full_attention": common.ratio(memory["v2"], memory["full_attention"]),
+              "expected_from_pair_fraction": common.ratio(
+                  common.transformer_step_flops(config, n * text, n * video_tokens, allowed_pair_fraction(layout, "v2")),
+                  common.transformer_step_flops(config, n * text, n * video_tokens))}
+    goals = {f"step_v2_within_{STEP_GOAL_RATIO:.2f}x_of_full": ratios["time_v2_over_full_attention"] <= STEP_GOAL_RATIO}
+    rows = [[name, common.fmt_time(t[name]), common.fmt_bytes(memory[name]), common.fmt_bytes(memory[name] + weights)]
+            for name in runs]
+    common.print_table(f"-- one denoising step, batch {batch} ({size}, {n} scenes, L = {layout.total}, {str(dtype)[6:]})",
+                       ["attention", f"median ({common.time_basis(device)})", "peak extra mem", "with weights"], rows)
+    print("   ratios: " + ", ".join(f"{k}={common.fmt_ratio(v)}" for k, v in ratios.items()))
+    print("   goals:  " + ", ".join(f"{k}={'met' if ok else 'MISSED'}" for k, ok in goals.items()), flush=True)
+    payload = {
+        "benchmark": "transformer_step", "machine": info, "dtype": str(dtype)[6:], "quick": args.quick,
+        "model": {"size": size, "config": config, "parameters": common.parameter_count(model), "weights_bytes": weights},
+        "video": {"height": height, "width": width, "scenes": n, "pixel_frames_per_scene": frames,
+                  "latent_frames_per_scene": latent_frames, "video_tokens_per_scene": video_tokens,
+                  "text_tokens_per_prompt": text, "sequence_length": layout.total},
+        "batch": batch, "repeats": repeats, "warmup": "the memory call", "rotary_embeddings": rope_note,
+        "runs": {name: {**timings[name], "peak_extra_bytes": memory[name], "peak_total_bytes": memory[name] + weights}
+                 for name in runs},
+        "ratios": ratios, "goals_met": goals,
+    }
+    common.save_json(payload, f"transformer_step_{size}", args)
+    return payload
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, choices=sorted(common.MODEL_SIZES),
@@ -82,9 +170,13 @@ def main(argv=None) -> Dict[str, Any]:
                         help="text tokens per prompt (max_sequence_length; CogVideoX: 226). Small CPU videos have far "
                              "fewer video tokens than the real 17,550 per scene, so 226 makes the text's share ~10x "
                              "the real one; e.g. 16 with cpu-mid's 1,280 video tokens keeps the real proportion")
+    parser.add_argument("--transformer-step", action="store_true",
+                        help="time one denoising step of the transformer alone (CFG batch), v2 vs full attention")
     args = parser.parse_args(argv)
     env = common.setup(args)
     device, dtype = env["device"], env["dtype"]
+    if args.transformer_step:
+        return transformer_step_main(args, device, dtype)
     size = args.model or ("quick" if args.quick else ("cogvideox-5b" if device.type == "cuda" else "cpu-mid"))
     steps = args.steps or 2
     repeats = args.repeats or (2 if args.quick or device.type == "cuda" else 5)

@@ -44,15 +44,6 @@ from diffusers_mask2dit.training.loss import prepare_diffusion_batch, training_l
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 GPU_MEMORY_GOAL_GB = 80.0
-# No VAE or text encoder runs here, so the 2b/5b-sized models take the real models' latent channels and
-# T5 width (the pipeline benchmark keeps the tiny ones its tiny VAE and T5 produce).
-REAL_MODEL_IO = {"in_channels": 16, "out_channels": 16, "text_embed_dim": 4096}
-
-
-def model_overrides(size: str) -> Dict[str, Any]:
-    return dict(REAL_MODEL_IO) if size.startswith("cogvideox-") else {}
-
-
 def prepare_model(size: str, device: torch.device, dtype: torch.dtype, mode: str, lora_rank: int,
                   checkpointing: bool) -> torch.nn.Module:
     """A random Mask²DiT transformer of ``size`` set up for ``mode`` by the trainer's own ``setup_finetuning``:
@@ -63,7 +54,7 @@ def prepare_model(size: str, device: torch.device, dtype: torch.dtype, mode: str
 
     if mode not in ("lora", "full"):
         raise SystemExit(f"--modes takes lora and/or full, got {mode!r}")
-    transformer = common.build_random_transformer(size, device, dtype, **model_overrides(size))
+    transformer = common.build_random_transformer(size, device, dtype, **common.model_overrides(size))
     model = Mask2DiTTransformer3DModel.from_cogvideox(transformer)
     config = TrainingConfig(finetune=mode, lora_rank=lora_rank, lora_alpha=float(lora_rank),
                             lora_target_modules=list(LORA_TARGETS), gradient_checkpointing=checkpointing)
@@ -119,7 +110,7 @@ def step_peak_memory(
         raise ValueError("`gpu_kernels` needs `fake`: this CPU has no FlashAttention kernels to run.")
     if conditional and fake:
         raise ValueError("`conditional` needs `fake=False`: the model reads the per-scene timesteps' values.")
-    config = common.transformer_config(size, **model_overrides(size))
+    config = common.transformer_config(size, **common.model_overrides(size))
     height, width, frames = common.VIDEO_SIZES[size]
     latent_frames = (frames - 1) // 4 + 1
     generator = torch.Generator().manual_seed(0)
@@ -185,7 +176,7 @@ def estimate(args, size: str, dtype: torch.dtype, checkpointing: bool) -> Dict[s
         "method": "FakeTensorMode step with GPU kernel routing; common.LiveBytes high-water of created tensors",
         "machine": info,
         "dtype": str(dtype)[6:],
-        "model": {"size": size, "config": common.transformer_config(size, **model_overrides(size))},
+        "model": {"size": size, "config": common.transformer_config(size, **common.model_overrides(size))},
         "video": {"height": height, "width": width, "scenes": args.scenes, "pixel_frames_per_scene": frames},
         "gradient_checkpointing": checkpointing,
         "lora_rank": args.lora_rank,
@@ -200,6 +191,25 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def compare_with_estimate(results: Dict[str, Any], path: str) -> None:
+    """Add ``measured_over_estimate`` (peak total bytes, measured / the ``--estimate-memory`` figure at ``path``) to
+    every measured run of ``results`` and print it."""
+    import json
+
+    with open(path) as handle:
+        estimated = json.load(handle)["results"]
+    for mode, entry in results.items():
+        for label, run in entry.get("runs", {}).items():
+            figures = estimated.get(mode, {}).get(label)
+            if run["memory"] == "OOM" or not figures:
+                continue
+            run["memory"]["estimated_peak_total_bytes"] = figures["peak_total_bytes"]
+            run["memory"]["measured_over_estimate"] = common.ratio(run["memory"]["peak_total_bytes"], figures["peak_total_bytes"])
+            print(f"   {mode} {label}: measured {common.fmt_bytes(run['memory']['peak_total_bytes'])} vs estimated "
+                  f"{common.fmt_bytes(figures['peak_total_bytes'])} ({common.fmt_ratio(run['memory']['measured_over_estimate'])})",
+                  flush=True)
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, choices=sorted(common.MODEL_SIZES),
@@ -211,6 +221,10 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--estimate-memory", action="store_true",
                         help="no GPU needed: estimate the peak memory of a CUDA training step with fake tensors")
+    parser.add_argument("--memory-only", action="store_true", help="measure each step's peak memory, no timing")
+    parser.add_argument("--compare-estimate", default=None, metavar="JSON",
+                        help="an --estimate-memory result (e.g. benchmarks/results/training_cogvideox-5b_estimate.json): "
+                             "report measured / estimated peak memory")
     args = parser.parse_args(argv)
     if args.estimate_memory:
         dtype = common.setup_estimate(args)
@@ -231,7 +245,7 @@ def main(argv=None) -> Dict[str, Any]:
     from diffusers_mask2dit.tiny import build_tiny_components
 
     scheduler = CogVideoXDPMScheduler.from_config(build_tiny_components("5b")["scheduler"].config)
-    config = common.transformer_config(size, **model_overrides(size))
+    config = common.transformer_config(size, **common.model_overrides(size))
     latent_frames = (frames - 1) // 4 + 1
     scene_frames = [latent_frames] * n
     generator = torch.Generator().manual_seed(0)
@@ -288,7 +302,8 @@ def main(argv=None) -> Dict[str, Any]:
                     p.grad = None
                 common.free_memory(device)
             state["optimizer"] = torch.optim.AdamW(params, lr=1e-5)
-            runnable = {label: step_fn(mask) for label, mask in masks.items() if memory[label] != "OOM"}
+            runnable = {label: step_fn(mask) for label, mask in masks.items()
+                        if memory[label] != "OOM" and not args.memory_only}
             timings = common.time_round_robin(runnable, device, warmup, repeats) if runnable else {}
             entry["runs"] = {label: {**timings.get(label, {}), "memory": memory[label]} for label in masks}
             t = {label: timings[label]["median_s"] for label in timings}
@@ -333,6 +348,8 @@ def main(argv=None) -> Dict[str, Any]:
         if "ratios" in entry:
             print(f"   {mode}: " + ", ".join(f"{k}={common.fmt_ratio(v)}" for k, v in entry["ratios"].items()), flush=True)
 
+    if args.compare_estimate:
+        compare_with_estimate(results, args.compare_estimate)
     payload = {
         "benchmark": "training",
         "machine": info,
@@ -344,7 +361,8 @@ def main(argv=None) -> Dict[str, Any]:
         "gradient_checkpointing": checkpointing,
         "lora_rank": args.lora_rank,
         "loss": "diffusers_mask2dit.training.loss (v-prediction)",
-        "repeats": repeats, "warmup": warmup,
+        "repeats": 0 if args.memory_only else repeats, "warmup": warmup,
+        "estimate": args.compare_estimate,
         "results": results,
         "goals_met": goals,
     }

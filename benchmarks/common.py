@@ -385,6 +385,16 @@ VIDEO_SIZES: Dict[str, Any] = {
 }
 
 
+# Where no VAE or text encoder runs (training, a transformer step), the 2b/5b-sized models take the real
+# models' latent channels and T5 width (the pipeline benchmark keeps the tiny ones its tiny VAE and T5 produce).
+REAL_MODEL_IO = {"in_channels": 16, "out_channels": 16, "text_embed_dim": 4096}
+
+
+def model_overrides(size: str) -> Dict[str, Any]:
+    """Config overrides for a transformer run without VAE and text encoder: the real I/O widths at 2b/5b size."""
+    return dict(REAL_MODEL_IO) if size.startswith("cogvideox-") else {}
+
+
 def transformer_config(size: str, **overrides: Any) -> Dict[str, Any]:
     from diffusers_mask2dit.tiny import MAX_SEQUENCE_LENGTH, TINY_LATENT_CHANNELS, TINY_TEXT_DIM
 
