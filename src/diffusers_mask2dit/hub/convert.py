@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -33,6 +34,7 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
 REPORT_NAME = "mask2dit_conversion.json"
 VERIFY_MODES = ("load", "files", "none")
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
 
 # Weight file stems: diffusers models and transformers models.
 _STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -374,6 +376,7 @@ class ConversionReport:
         }
 
     def summary(self) -> str:
+        """What was converted, for the terminal (it names the local folders; the written report does not)."""
         lines = [f"Converted {self.source} -> {self.output}"]
         for name in COMPONENTS:
             info = self.components.get(name, {})
@@ -393,6 +396,22 @@ class ConversionReport:
             f"({self.transformer_config.get('mask_variant_from')})"
         )
         return "\n".join(lines)
+
+
+def publishable_report(report: Dict[str, Any]) -> Dict[str, Any]:
+    """``report`` without local paths: the source and output folders (and any other absolute path in it) are
+    reduced to their folder names, so that the report can be published with the weights."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or _WINDOWS_PATH.match(value)):
+            return PureWindowsPath(value).name if "\\" in value else Path(value).name
+        return value
+
+    return clean(report)
 
 
 def _copy_file(src: Path, dst: Path, link: bool) -> None:
@@ -534,5 +553,5 @@ def convert_official(
         report.components["tokenizer"]["loaded_class"] = classes["tokenizer"][1]
         report.components["scheduler"]["loaded_class"] = classes["scheduler"][1]
 
-    _write_json(out / REPORT_NAME, report.to_dict())
+    _write_json(out / REPORT_NAME, publishable_report(report.to_dict()))
     return report

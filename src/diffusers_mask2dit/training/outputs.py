@@ -74,71 +74,22 @@ def write_training_config(config: TrainingConfig, output_dir: str) -> str:
 
 
 def write_model_card(config: TrainingConfig, output_dir: str) -> str:
-    """A README.md describing the run and how to load the result."""
-    base = config.transformer_path or config.pretrained_model_name_or_path
-    lines = [
-        "---",
-        "library_name: diffusers",
-        # The Hub's base_model field takes a Hub id; a local folder is named in the text instead.
-        *([f"base_model: {config.pretrained_model_name_or_path}"] if not os.path.exists(config.pretrained_model_name_or_path) else []),
-        "tags:",
-        "- text-to-video",
-        "- diffusers",
-        "- cogvideox",
-        "- mask2dit",
-        f"- {'lora' if config.finetune == 'lora' else 'full-fine-tune'}",
-        "---",
-        "",
-        f"# Mask²DiT {'LoRA' if config.finetune == 'lora' else 'fine-tuned transformer'}",
-        "",
-        f"Trained with `diffusers-mask2dit` from `{base}` for {config.max_train_steps} steps, stage `{config.stage}` "
-        f"({'n unrelated clips per sample' if config.stage == 'pretrain' else f'n consecutive shots, conditional samples with p={config.cond_prob}'}).",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| scenes per sample | {config.num_scenes} |",
-        f"| frames per scene | {config.scene_frames} |",
-        f"| resolution | {config.height}x{config.width} |",
-        f"| attention mask | {config.mask_variant} |",
-        f"| learning rate | {config.effective_learning_rate} ({config.lr_scheduler}, {config.lr_warmup_steps} warmup steps) |",
-        f"| batch | {config.train_batch_size} per device x {config.gradient_accumulation_steps} accumulation |",
-        f"| mixed precision | {config.mixed_precision} |",
-    ]
-    if config.finetune == "lora":
-        lines += [
-            f"| LoRA rank / alpha | {config.lora_rank} / {config.lora_alpha} |",
-            f"| LoRA targets | {', '.join(config.lora_target_modules)} |",
-            "",
-            "## Use",
-            "",
-            "```python",
-            "import torch",
-            "from diffusers_mask2dit import Mask2DiTPipeline",
-            "",
-            f'pipe = Mask2DiTPipeline.from_pretrained("{config.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16)',
-            f'pipe.load_lora_weights("{output_dir}")',
-        ]
-    else:
-        lines += [
-            "",
-            "## Use",
-            "",
-            "```python",
-            "import torch",
-            "from diffusers_mask2dit import Mask2DiTPipeline, Mask2DiTTransformer3DModel",
-            "",
-            f'transformer = Mask2DiTTransformer3DModel.from_pretrained("{output_dir}", subfolder="transformer", torch_dtype=torch.bfloat16)',
-            f'pipe = Mask2DiTPipeline.from_pretrained("{config.pretrained_model_name_or_path}", transformer=transformer, torch_dtype=torch.bfloat16)',
-        ]
-    lines += [
-        'pipe.to("cuda")',
-        f"video = pipe(prompt=[{', '.join(repr(f'scene {i + 1} prompt') for i in range(config.num_scenes))}]).frames[0]",
-        "```",
-        "",
-    ]
+    """``README.md``: the card of :func:`diffusers_mask2dit.hub.cards.model_card` for a local training output
+    (how to load the result, the run's settings); ``mask2dit hub build`` writes the card for the Hub."""
+    from ..hub import cards
+
+    training = dict(config.to_dict(), learning_rate=config.effective_learning_rate)
+    text = cards.model_card(
+        "lora" if config.finetune == "lora" else "finetune",
+        base_model=config.pretrained_model_name_or_path,
+        kind="lora" if config.finetune == "lora" else "full",
+        mask_variant=config.mask_variant,
+        training=cards.publishable_training(training),
+        weights_path=output_dir,
+    )
     path = os.path.join(output_dir, "README.md")
     staging = path + ".tmp"
     with open(staging, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
+        handle.write(text)
     os.replace(staging, path)
     return path
