@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..layout import DEFAULT_MASK_VARIANT, check_mask_variant
+from ..paths import UnsafePathError, check_inside, files_under
 from . import cards
 from .bundle import bundle_pipeline
 from .convert import (
@@ -156,10 +157,9 @@ def _prepare_out(model: Path, out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _copy_tree(src: Path, dst: Path, link: bool) -> None:
-    for path in sorted(src.rglob("*")):
-        if path.is_dir():
-            continue
+def _copy_tree(src: Path, dst: Path, link: bool, root: Path) -> None:
+    """Copy the files below ``src`` to ``dst``; a link that leads out of ``root`` is refused, naming it."""
+    for path in files_under(src, f"{src.name}/ file", root=root):
         target = dst / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         _copy_file(path, target, link)
@@ -217,10 +217,11 @@ def _copy_pipeline(model: Path, out: Path, link: bool, transformer_from: Optiona
     if "transformer" not in components:
         raise BuildError(f"{model}/model_index.json has no transformer component.")
     for name in components:
-        src = transformer_from if (name == "transformer" and transformer_from is not None) else model / name
+        own = name == "transformer" and transformer_from is not None
+        src = transformer_from if own else model / name
         if not src.is_dir():
             raise BuildError(f"{model}/model_index.json lists `{name}` but {src} is not a folder.")
-        _copy_tree(src, out / name, link)
+        _copy_tree(src, out / name, link, root=src if own else model)
     _write_json(out / "model_index.json", _normalised_index(index, model))
     config_path = out / "transformer" / "config.json"
     config, notes = normalise_transformer_config(_read_json(config_path))
@@ -307,7 +308,7 @@ def _check_inputs(model: Path, kind: str, base: Optional[os.PathLike | str], mas
     elif not (model / LORA_WEIGHTS).is_file():
         raise BuildError(f"{model} has no {LORA_WEIGHTS} (the diffusers LoRA format the trainer writes).")
     else:
-        lora_tensors = _check_lora_file(model / LORA_WEIGHTS)
+        lora_tensors = _check_lora_file(check_inside(model / LORA_WEIGHTS, model, "--model file"))
     if config_path is not None and mask_variant is not None:
         raise BuildError("--mask-variant is for LoRA folders; a transformer's mask is read from its config.json.")
     stock = False
@@ -357,14 +358,14 @@ def _write_weights(model: Path, out: Path, inputs: _Inputs, link: bool, verify: 
     if inputs.kind == "pipeline":
         _copy_pipeline(model, out, link)
         if (model / REPORT_NAME).is_file():
-            conversion = publishable_report(_read_json(model / REPORT_NAME))
+            conversion = publishable_report(_read_json(check_inside(model / REPORT_NAME, model, "--model file")))
             _write_json(out / REPORT_NAME, conversion)  # rewritten: never carry local paths to the Hub
             return conversion
     elif inputs.kind == "transformer":
         _copy_pipeline(inputs.base_dir, out, link, transformer_from=inputs.transformer_dir)
         _check_transformer_fits(out)
     else:
-        _copy_file(model / LORA_WEIGHTS, out / LORA_WEIGHTS, link)
+        _copy_file(check_inside(model / LORA_WEIGHTS, model, "--model file"), out / LORA_WEIGHTS, link)
         notes.append(f"LoRA: {inputs.lora_tensors} tensors.")
     return None
 
@@ -424,7 +425,10 @@ def build_hub_folder(
 
     # 1. Everything that can fail on the arguments is checked before the output folder is touched.
     training = read_training_config(model, training_config)
-    inputs = _check_inputs(model, detect_kind(model) if kind == "auto" else kind, base, mask_variant, training)
+    try:
+        inputs = _check_inputs(model, detect_kind(model) if kind == "auto" else kind, base, mask_variant, training)
+    except UnsafePathError as error:
+        raise BuildError(str(error)) from None
     card, card_kind = _choose_card(card, inputs, model)
     try:
         text = cards.model_card(
@@ -440,7 +444,7 @@ def build_hub_folder(
     _prepare_out(model, out, overwrite)
     try:
         conversion = _write_weights(model, out, inputs, link, verify, notes)
-    except (ConversionError, BuildError) as error:
+    except (ConversionError, BuildError, UnsafePathError) as error:
         shutil.rmtree(out, ignore_errors=True)
         raise BuildError(str(error)) from None
     (out / CARD_FILE).write_text(text, encoding="utf-8")

@@ -78,12 +78,17 @@ def plan_push(
         raise PushError(f"{folder} has no README.md (model card): build it with `mask2dit hub build` first.")
     if not (folder / "pipeline.py").is_file():
         raise PushError(f"{folder} has no pipeline.py: build it with `mask2dit hub build` first.")
+    from ..paths import UnsafePathError, files_under
+
+    try:
+        paths = files_under(folder, "--folder file")  # a link out of the folder would upload what it points to
+    except UnsafePathError as error:
+        raise PushError(str(error)) from None
     files = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            relative = path.relative_to(folder).as_posix()
-            if not _ignored(relative):
-                files.append((relative, path.stat().st_size))
+    for path in paths:
+        relative = path.relative_to(folder).as_posix()
+        if not _ignored(relative):
+            files.append((relative, path.stat().st_size))
     return PushPlan(
         folder=folder,
         repo_id=repo_id,

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..paths import confined
 from ..video_io import VideoReadError
 from .config import TrainingConfig
 from .data import Clip, SceneSource, SkipReport, derive_seed, load_clip_pixels, load_training_records, stable_key
@@ -194,12 +195,11 @@ def write_cache_index(config: TrainingConfig, records: Sequence[Sequence[Clip]],
                 for frames in sorted(set(config.scene_frames))
             }
             if not all(os.path.exists(os.path.join(latent_folder, name)) for name in files.values()):
+                skips.add("records with a clip that could not be encoded", clip.video)  # the clip itself, not the record's first
                 break
             entries.append({"video": clip.video, "caption": clip.caption, "files": files})
         if len(entries) == len(record):
             kept.append(entries)
-        else:
-            skips.add("records with a clip that could not be encoded", record[0].video)
     skips.warn("records from the cache")
     index = {
         "format": CACHE_FORMAT,
@@ -257,9 +257,13 @@ def open_cache(config: TrainingConfig) -> Tuple[List[List[Clip]], CacheSource]:
         )
     records: List[List[Clip]] = []
     files: Dict[Tuple[str, str], Dict[str, str]] = {}
-    for entries in index["records"]:
+    latent_folder = os.path.join(config.cache_dir, LATENT_FOLDER)
+    for number, entries in enumerate(index["records"]):
         records.append([Clip(entry["video"], entry["caption"]) for entry in entries])
         for entry in entries:
+            for frames, name in entry["files"].items():
+                # Names read from the index stay inside the cache's latents/ folder.
+                confined(latent_folder, name, f"{path}: record {number}, file for {frames} frames")
             files[(entry["video"], entry["caption"])] = entry["files"]
     if config.stage == "sft":
         short = [record for record in records if len(record) < config.num_scenes]
