@@ -8,15 +8,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .checkpoints import replace_folder
 from .config import TrainingConfig
 from .setup import LORA_WEIGHT_NAME, TRANSFORMER_FOLDER, unwrap
+
+logger = logging.getLogger(__name__)
 
 
 def save_final_weights(accelerator: Any, transformer: Any, config: TrainingConfig, weight_dtype: torch.dtype) -> str:
@@ -73,20 +76,24 @@ def write_training_config(config: TrainingConfig, output_dir: str) -> str:
     return path
 
 
-def write_model_card(config: TrainingConfig, output_dir: str) -> str:
+def write_model_card(config: TrainingConfig, output_dir: str) -> Optional[str]:
     """``README.md``: the card of :func:`diffusers_mask2dit.hub.cards.model_card` for a local training output
     (how to load the result, the run's settings); ``mask2dit hub build`` writes the card for the Hub."""
     from ..hub import cards
 
     training = dict(config.to_dict(), learning_rate=config.effective_learning_rate)
-    text = cards.model_card(
-        "lora" if config.finetune == "lora" else "finetune",
-        base_model=config.pretrained_model_name_or_path,
-        kind="lora" if config.finetune == "lora" else "full",
-        mask_variant=config.mask_variant,
-        training=cards.publishable_training(training),
-        weights_path=output_dir,
-    )
+    try:
+        text = cards.model_card(
+            "lora" if config.finetune == "lora" else "finetune",
+            base_model=config.pretrained_model_name_or_path,
+            kind="lora" if config.finetune == "lora" else "full",
+            mask_variant=config.mask_variant,
+            training=cards.publishable_training(training),
+            weights_path=output_dir,
+        )
+    except cards.CardError as error:  # the weights are saved already: a missing template must not fail the run
+        logger.warning(f"The model card was not written: {error}")
+        return None
     path = os.path.join(output_dir, "README.md")
     staging = path + ".tmp"
     with open(staging, "w", encoding="utf-8") as handle:

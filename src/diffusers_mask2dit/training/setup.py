@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import timedelta
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -47,7 +48,7 @@ def hparams(config: TrainingConfig) -> Dict[str, Any]:
 def create_accelerator(config: TrainingConfig) -> Tuple[Any, str]:
     """The `Accelerator` of the run and the tracker actually used (``"none"`` when tensorboard is missing)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     report_to = config.report_to
     if report_to == "tensorboard" and not _tensorboard_available():
@@ -60,6 +61,8 @@ def create_accelerator(config: TrainingConfig) -> Tuple[Any, str]:
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)
         ),
+        # A hung or dead process ends the run after this long instead of blocking the others for good.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -195,6 +198,26 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig,
         num_cycles=config.lr_num_cycles,
         power=config.lr_power,
     )
+
+
+def apply_learning_rate(lr_scheduler: Any, learning_rate: float) -> float:
+    """Put ``learning_rate`` in force as the schedule's peak after a checkpoint restored another one.
+
+    A restored LR schedule brings back the peak it was built with (its ``base_lrs``) and the optimizer the
+    rate of its last step, so a new ``learning_rate`` on resume would be ignored. The peak is set and the
+    current rate recomputed from the schedule at its restored position. Returns the peak the checkpoint had;
+    nothing changes when it equals ``learning_rate``.
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper around diffusers' LambdaLR
+    saved = float(scheduler.base_lrs[0])
+    if saved == learning_rate:
+        return saved
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return saved
 
 
 def apply_deepspeed_gradient_clipping(ds_config: Dict[str, Any], max_grad_norm: float) -> None:

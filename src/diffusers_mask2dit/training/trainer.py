@@ -26,7 +26,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .checkpoints import TrainingProgress, list_checkpoints, resolve_resume_checkpoint, save_checkpoint  # noqa: F401
+from .checkpoints import (  # noqa: F401  (list_checkpoints: imported from here by users)
+    TrainingProgress,
+    check_writable,
+    list_checkpoints,
+    resolve_resume_checkpoint,
+    retire_newer_checkpoints,
+    save_checkpoint,
+)
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset
 from .loss import loss_summary, prepare_diffusion_batch, training_loss
@@ -34,6 +41,7 @@ from .outputs import save_final_weights
 from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders
 from .setup import (  # noqa: F401  (apply_deepspeed_gradient_clipping, setup_finetuning: imported from here by users)
     apply_deepspeed_gradient_clipping,
+    apply_learning_rate,
     build_dataloader,
     build_lr_scheduler,
     build_optimizer,
@@ -66,7 +74,12 @@ class TrainingResult:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN or infinite; the run stopped without saving the bad state."""
+    """The loss, the gradient norm or the weights became NaN or infinite; the run stopped before the bad
+    update was applied (loss, gradient norm) or saved (weights)."""
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A process waited longer than ``collective_timeout`` for the others (one hung or died)."""
 
 
 @dataclass
@@ -86,18 +99,31 @@ class _Run:
     weight_dtype: torch.dtype
     trainable: List[torch.nn.Parameter]
     progress: TrainingProgress = field(default_factory=TrainingProgress)
+    # A checkpoint counts as good once the forward pass after it gave a finite loss; the newest one is
+    # "unconfirmed" until then (its weights may be the ones that diverge).
     last_checkpoint: Optional[str] = None
+    unconfirmed_checkpoint: Optional[str] = None
     skipped_total: int = 0
 
     @property
     def global_batch(self) -> int:
         return self.config.train_batch_size * self.accelerator.num_processes
 
-    def last_good(self) -> str:
+    def confirm_checkpoint(self) -> None:
+        if self.unconfirmed_checkpoint:
+            self.last_checkpoint, self.unconfirmed_checkpoint = self.unconfirmed_checkpoint, None
+
+    def good_checkpoint(self, trust_unconfirmed: bool = True) -> Optional[str]:
+        return (self.unconfirmed_checkpoint if trust_unconfirmed else None) or self.last_checkpoint
+
+    def last_good(self, trust_unconfirmed: bool = True) -> str:
         """The sentence of a stop message that names the checkpoint to resume from."""
-        if self.last_checkpoint:
-            return f"The last good checkpoint is {self.last_checkpoint}."
-        return "No checkpoint was written yet."
+        path = self.good_checkpoint(trust_unconfirmed)
+        return f"The last good checkpoint is {path}." if path else "No checkpoint was written yet."
+
+    def advice(self, trust_unconfirmed: bool = True) -> str:
+        start = "Resume from it" if self.good_checkpoint(trust_unconfirmed) else "Start again"
+        return f"{start} with a lower `learning_rate` (it is used on resume), or check the data."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +137,7 @@ def _start(config: TrainingConfig) -> _Run:
     from diffusers import CogVideoXDPMScheduler
 
     config.require_model()
-    os.makedirs(config.output_dir, exist_ok=True)
+    check_writable(config.output_dir)  # before any work: an unwritable folder would lose the whole run
     accelerator, report_to = create_accelerator(config)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
@@ -122,9 +148,16 @@ def _start(config: TrainingConfig) -> _Run:
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
 
     dataset, sampler, dataloader = build_dataloader(config, accelerator.num_processes, accelerator.is_main_process)
-    transformer = load_transformer(config)
-    noise_scheduler = CogVideoXDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler")
-    encoder = None if config.cache_dir else load_encoders(config, accelerator.device, weight_dtype)
+    try:
+        transformer = load_transformer(config)
+        noise_scheduler = CogVideoXDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler")
+        encoder = None if config.cache_dir else load_encoders(config, accelerator.device, weight_dtype)
+    except OSError as error:  # a folder without the CogVideoX components, or a Hub id that cannot be fetched
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {config.pretrained_model_name_or_path!r}"
+            + (f" / `transformer_path` {config.transformer_path!r}" if config.transformer_path else "")
+            + f" could not be loaded: {str(error).strip().splitlines()[0]}"
+        ) from None
     trainable = setup_finetuning(transformer, config, weight_dtype)  # LoRA init draws from the global RNG
     transformer.to(accelerator.device)
     optimizer = build_optimizer(trainable, config)
@@ -142,15 +175,46 @@ def _start(config: TrainingConfig) -> _Run:
     )
 
 
+def _choose_checkpoint(run: _Run) -> Optional[str]:
+    """The checkpoint to resume from, verified on the main process (the others follow its choice)."""
+    accelerator = run.accelerator
+    choice: List[Optional[str]] = [None, None]  # path, error
+    if accelerator.is_main_process:
+        try:
+            choice[0] = resolve_resume_checkpoint(run.config)
+        except ValueError as error:
+            choice[1] = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(choice)
+    if choice[1]:
+        raise ValueError(choice[1])
+    return choice[0]
+
+
 def _resume(run: _Run) -> None:
-    """Restore the state of the checkpoint ``resume_from_checkpoint`` names, if any, and check it fits this launch."""
-    config = run.config
-    resume_path = resolve_resume_checkpoint(config)
+    """Restore the checkpoint ``resume_from_checkpoint`` names, if any, put the configured learning rate in
+    force, and rename aside the checkpoints of an abandoned run (newer than the starting step)."""
+    config, accelerator = run.config, run.accelerator
+    resume_path = _choose_checkpoint(run)
     if resume_path:
-        run.accelerator.load_state(resume_path)
+        accelerator.load_state(resume_path)
         run.progress = TrainingProgress.load(resume_path)
         logger.info(f"Resumed from {resume_path} at step {run.progress.global_step}")
+        saved_lr = apply_learning_rate(run.lr_scheduler, config.effective_learning_rate)
+        current = run.lr_scheduler.get_last_lr()[0]
+        if saved_lr != config.effective_learning_rate:
+            logger.info(
+                f"Learning rate in force: {config.effective_learning_rate} (this run's `learning_rate`; the checkpoint "
+                f"was trained with {saved_lr}); {current} at step {run.progress.global_step} of the {config.lr_scheduler} schedule."
+            )
+        else:
+            logger.info(f"Learning rate in force: {config.effective_learning_rate}, as in the checkpoint; {current} now.")
     run.last_checkpoint = resume_path
+    if accelerator.is_main_process:
+        retire_newer_checkpoints(config.output_dir, run.progress.global_step)
+    accelerator.wait_for_everyone()
     if run.progress.samples_in_epoch % run.global_batch:
         raise ValueError(
             f"The checkpoint stopped {run.progress.samples_in_epoch} samples into an epoch, which is not a whole number of "
@@ -190,17 +254,20 @@ def _report_skipped(run: _Run, batch: Dict[str, Any]) -> None:
 
 
 def _clip_gradients(run: _Run) -> Optional[torch.Tensor]:
-    """Clip at ``max_grad_norm`` when the accumulated gradients are complete; a non-finite norm stops the run."""
+    """Clip at ``max_grad_norm`` once the accumulated gradients are complete; a non-finite norm stops the run
+    before the update. With clipping off the norm is still measured (clipping at infinity changes nothing)."""
     from accelerate.utils import DistributedType
 
-    accelerator = run.accelerator
-    if not (accelerator.sync_gradients and run.config.max_grad_norm > 0):
+    accelerator, max_norm = run.accelerator, run.config.max_grad_norm
+    if not accelerator.sync_gradients:
+        return None
+    # DeepSpeed and fp16 loss scaling handle overflowing gradients themselves (they skip the step).
+    self_checked = accelerator.distributed_type == DistributedType.DEEPSPEED or accelerator.scaler is not None
+    if self_checked and max_norm <= 0:
         return None
     # All of the prepared model's parameters: FSDP only clips when given exactly those.
-    grad_norm = accelerator.clip_grad_norm_(run.transformer.parameters(), run.config.max_grad_norm)
-    # DeepSpeed and fp16 loss scaling handle overflowing gradients themselves (they skip the step).
-    checks_grad_norm = accelerator.distributed_type != DistributedType.DEEPSPEED and accelerator.scaler is None
-    if checks_grad_norm and grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+    grad_norm = accelerator.clip_grad_norm_(run.transformer.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if not self_checked and grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
         raise NonFiniteLossError(
             f"The gradient norm became {float(grad_norm)} at step {run.progress.global_step + 1}; training "
             f"stopped before applying it. {run.last_good()}"
@@ -208,8 +275,60 @@ def _clip_gradients(run: _Run) -> Optional[torch.Tensor]:
     return grad_norm
 
 
+def _check_weights_finite(run: _Run, what: str) -> None:
+    """Stop before ``what`` (a save) when a trainable weight is NaN or infinite on any process."""
+    tensors = [getattr(p, "ds_tensor", p).detach() for p in run.transformer.parameters() if p.requires_grad]
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+    flags = run.accelerator.gather(torch.tensor([1.0 if finite else 0.0], device=run.accelerator.device))
+    if float(flags.min()) < 1.0:
+        raise NonFiniteLossError(
+            f"The weights are not finite after step {run.progress.global_step} (the updates diverged); {what} was not "
+            f"saved. {run.last_good()} {run.advice()}"
+        )
+
+
+def _stop_on_non_finite_loss(run: _Run, gathered: torch.Tensor, inputs: Tuple[torch.Tensor, ...]) -> None:
+    """Raise for a NaN/inf loss, saying whether the data or the weights caused it.
+
+    Finite inputs mean the weights diverged: the checkpoint saved just before (with those weights) is renamed
+    to ``checkpoint-<step>.diverged`` so that neither this message nor ``latest`` ever offers it.
+    """
+    accelerator, step = run.accelerator, run.progress.global_step + 1
+    finite_inputs = all(bool(torch.isfinite(t).all()) for t in inputs)
+    flags = accelerator.gather(torch.tensor([1.0 if finite_inputs else 0.0], device=accelerator.device))
+    if float(flags.min()) < 1.0:
+        cause, trust = "some latents or prompt embeddings of the batch are not finite (damaged data)", True
+    else:
+        cause, trust = "the inputs are finite, so the weights diverged", False
+        suspect = run.unconfirmed_checkpoint
+        if suspect:
+            if accelerator.is_main_process and os.path.isdir(suspect):
+                os.rename(suspect, suspect + ".diverged")
+            cause += f"; {suspect} holds those weights and was renamed to {suspect}.diverged"
+    raise NonFiniteLossError(
+        f"The loss became {gathered.tolist()} at step {step} (epoch {run.progress.epoch}): {cause}; "
+        f"training stopped without saving. {run.last_good(trust)} {run.advice(trust)}"
+    )
+
+
+def _apply_update(run: _Run) -> None:
+    """The optimizer and LR-schedule step; an update too large for the weights' dtype stops the run."""
+    try:
+        run.optimizer.step()
+    except RuntimeError as error:
+        if "overflow" not in str(error):
+            raise
+        raise NonFiniteLossError(
+            f"The update of step {run.progress.global_step + 1} overflows the weights' dtype ({error}); the learning "
+            f"rate {run.lr_scheduler.get_last_lr()[0]} is far too large. {run.last_good()} {run.advice()}"
+        ) from None
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
 def _training_step(run: _Run, batch: Dict[str, Any]) -> Tuple[float, Optional[torch.Tensor], Any]:
-    """Forward, loss check, backward, clipping and (at the end of an accumulation) the update.
+    """Forward, loss check, backward, gradient check and clipping, and (at the end of an accumulation) the
+    update: nothing non-finite is ever applied.
 
     Returns ``(mean loss over processes, gradient norm or None, the diffusion batch)``.
     """
@@ -222,15 +341,11 @@ def _training_step(run: _Run, batch: Dict[str, Any]) -> Tuple[float, Optional[to
         loss = training_loss(run.transformer, diffusion, prompt_embeds, config.mask_variant, dtype=run.weight_dtype)
         gathered = accelerator.gather(loss.detach().reshape(1))
         if not torch.isfinite(gathered).all():
-            raise NonFiniteLossError(
-                f"The loss became {gathered.tolist()} at step {run.progress.global_step + 1} (epoch {run.progress.epoch}); "
-                f"training stopped without saving. {run.last_good()} Resume from it with a lower learning rate, or check the data."
-            )
+            _stop_on_non_finite_loss(run, gathered, (latent_mean, latent_std, prompt_embeds))
+        run.confirm_checkpoint()  # the weights of the newest checkpoint gave a finite loss
         accelerator.backward(loss)
         grad_norm = _clip_gradients(run)
-        run.optimizer.step()
-        run.lr_scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        _apply_update(run)
     return float(gathered.mean()), grad_norm, diffusion
 
 
@@ -252,7 +367,9 @@ def _finish_step(run: _Run, step_losses: List[float], grad_norm: Optional[torch.
     run.accelerator.log(logs, step=progress.global_step)
 
     if config.checkpointing_steps and progress.global_step % config.checkpointing_steps == 0:
-        run.last_checkpoint = save_checkpoint(run.accelerator, config.output_dir, progress, config.checkpoints_total_limit)
+        _check_weights_finite(run, f"checkpoint-{progress.global_step}")  # never save or name non-finite weights
+        run.confirm_checkpoint()
+        run.unconfirmed_checkpoint = save_checkpoint(run.accelerator, config.output_dir, progress, config.checkpoints_total_limit)
     if config.validation_prompts and config.validation_steps and progress.global_step % config.validation_steps == 0:
         run_validation(run.accelerator, run.transformer, run.encoder, config, progress.global_step, run.weight_dtype)
 
@@ -288,11 +405,46 @@ def _train_epochs(run: _Run, progress_bar: Any) -> None:
             progress.samples_in_epoch = 0
 
 
+def _is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that timed out or lost a peer (gloo raises; NCCL's watchdog aborts)."""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(error)
+    return (bool(backend_error) and isinstance(error, backend_error)) or any(
+        marker in text for marker in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
+    )
+
+
+def _train_and_save(run: _Run, progress_bar: Any) -> str:
+    """The epochs, then the final weights; a collective that times out becomes a `CollectiveTimeoutError`."""
+    accelerator, config = run.accelerator, run.config
+    try:
+        try:
+            _train_epochs(run, progress_bar)
+        finally:
+            progress_bar.close()
+        accelerator.wait_for_everyone()
+        _check_weights_finite(run, "the final weights")
+        return save_final_weights(accelerator, run.transformer, config, run.weight_dtype)
+    except RuntimeError as error:
+        if isinstance(error, NonFiniteLossError) or accelerator.num_processes == 1 or not _is_collective_failure(error):
+            raise
+        raise CollectiveTimeoutError(
+            f"Process {accelerator.process_index} waited longer than `collective_timeout` ({config.collective_timeout} s) "
+            f"for the other processes at step {run.progress.global_step + 1}, or one of them died "
+            f"({str(error).strip().splitlines()[0][:200]}). {run.last_good()} Stop every process of the run, then "
+            "resume with `resume_from_checkpoint: latest`."
+        ) from error
+
+
 def train(config: TrainingConfig) -> TrainingResult:
     """Run training as configured; returns where the final weights are (see :func:`save_final_weights`).
 
     Raises:
-        NonFiniteLossError: the loss or gradient norm became NaN/inf; the last checkpoint is left untouched.
+        ValueError: a bad option, model, data or output folder (before the first step), or a damaged checkpoint.
+        NonFiniteLossError: the loss, gradient norm or weights became NaN/inf; no bad state was saved.
+        CollectiveTimeoutError: a process of a multi-process run hung or died.
     """
     from tqdm.auto import tqdm
 
@@ -303,13 +455,7 @@ def train(config: TrainingConfig) -> TrainingResult:
         total=config.max_train_steps, initial=run.progress.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     run.transformer.train()
-    try:
-        _train_epochs(run, progress_bar)
-    finally:
-        progress_bar.close()
-
-    accelerator.wait_for_everyone()
-    result = save_final_weights(accelerator, run.transformer, config, run.weight_dtype)
+    result = _train_and_save(run, progress_bar)
     if config.validation_prompts and (not config.validation_steps or config.max_train_steps % config.validation_steps):
         run_validation(accelerator, run.transformer, run.encoder, config, run.progress.global_step, run.weight_dtype)
     accelerator.end_training()
