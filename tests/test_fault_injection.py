@@ -688,3 +688,22 @@ def test_a_hung_process_ends_the_run_after_the_collective_timeout(world, tmp_pat
     assert "waited longer than `collective_timeout` (5 s)" in completed.stderr, completed.stderr[-3000:]
     assert "The last good checkpoint is" in completed.stderr and "checkpoint-1" in completed.stderr
     assert elapsed < 240, elapsed  # not the 600 s the hung process sleeps
+
+
+def test_hub_build_reads_no_published_value_through_a_link_out_of_the_folder(tmp_path):
+    from diffusers_mask2dit.hub.build import BuildError, build_hub_folder
+    from diffusers_mask2dit.hub.testing import save_tiny_lora
+    from diffusers_mask2dit.tiny import save_tiny_cogvideox
+
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"stage": "hf_SECRETTOKEN", "_diffusers_version": "hf_SECRETTOKEN"}))
+    lora = save_tiny_lora(tmp_path / "lora")
+    (lora / "training_config.json").symlink_to(outside)
+    with pytest.raises(BuildError, match="training_config.json is a symbolic link"):
+        build_hub_folder(lora, tmp_path / "hub", base_model="THUDM/CogVideoX-5b")
+    model = Path(save_tiny_cogvideox(str(tmp_path / "model")))
+    (model / "model_index.json").rename(tmp_path / "index.json")
+    (model / "model_index.json").symlink_to(tmp_path / "index.json")
+    with pytest.raises(BuildError, match="model_index.json is a symbolic link"):
+        build_hub_folder(model, tmp_path / "hub", repo_id="me/x", base_model="THUDM/CogVideoX-5b")
+    _no_secret_under(tmp_path / "hub")

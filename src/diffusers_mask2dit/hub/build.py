@@ -116,6 +116,11 @@ def read_training_config(model: Path, path: Optional[os.PathLike | str] = None) 
             if path:
                 raise BuildError(f"--training-config {candidate} does not exist.")
             continue
+        if not path:  # found beside the weights: its values reach the card, so it must be the folder's own
+            try:
+                check_inside(candidate, model, "--model file")
+            except UnsafePathError as error:
+                raise BuildError(str(error)) from None
         text = candidate.read_text(encoding="utf-8")
         if candidate.suffix in (".yaml", ".yml"):
             import yaml
@@ -212,7 +217,7 @@ def _components(index: Mapping[str, Any]) -> List[str]:
 
 def _copy_pipeline(model: Path, out: Path, link: bool, transformer_from: Optional[Path] = None) -> Dict[str, Any]:
     """Copy a diffusers pipeline folder's components, normalising model_index.json and the transformer config."""
-    index = _read_json(model / "model_index.json")
+    index = _read_json(check_inside(model / "model_index.json", model, "--model file"))  # its values are published
     components = _components(index)
     if "transformer" not in components:
         raise BuildError(f"{model}/model_index.json has no transformer component.")

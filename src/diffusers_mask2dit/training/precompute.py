@@ -112,6 +112,11 @@ def _atomic_save_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: 
             os.remove(tmp)
 
 
+def _model_key(model: str) -> str:
+    """How the cache records its model: a local folder by absolute path, a Hub id as it is."""
+    return os.path.abspath(model) if os.path.exists(model) else model
+
+
 def _settings(config: TrainingConfig, scaling_factor: float) -> Dict[str, Any]:
     return {
         "stage": config.stage,
@@ -120,7 +125,7 @@ def _settings(config: TrainingConfig, scaling_factor: float) -> Dict[str, Any]:
         "frame_counts": sorted(set(config.scene_frames)),
         "scaling_factor": scaling_factor,
         "dtype": config.cache_dtype,
-        "model": os.path.abspath(config.pretrained_model_name_or_path),
+        "model": _model_key(config.pretrained_model_name_or_path),
         "seed": config.seed,
     }
 
@@ -132,7 +137,7 @@ def _check_existing_cache(config: TrainingConfig) -> None:
         return
     with open(path, encoding="utf-8") as handle:
         settings = json.load(handle).get("settings", {})
-    current = {"model": os.path.abspath(config.pretrained_model_name_or_path), "dtype": config.cache_dtype, "seed": config.seed}
+    current = {"model": _model_key(config.pretrained_model_name_or_path), "dtype": config.cache_dtype, "seed": config.seed}
     names = {"model": "pretrained_model_name_or_path", "dtype": "cache_dtype", "seed": "seed"}
     for key, value in current.items():
         if key in settings and settings[key] != value:
