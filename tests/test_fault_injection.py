@@ -707,3 +707,14 @@ def test_hub_build_reads_no_published_value_through_a_link_out_of_the_folder(tmp
     with pytest.raises(BuildError, match="model_index.json is a symbolic link"):
         build_hub_folder(model, tmp_path / "hub", repo_id="me/x", base_model="THUDM/CogVideoX-5b")
     _no_secret_under(tmp_path / "hub")
+
+
+def test_a_folder_without_the_model_is_a_one_line_error(world, tmp_path, capsys):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    common = ["--pretrained_model_name_or_path", str(empty), "--data_file", world["data"], "--num_scenes", "2",
+              "--frames_per_scene", "9", "--height", "64", "--width", "64", "--mixed_precision", "no"]
+    for command in (["train", "--output_dir", str(tmp_path / "out"), "--report_to", "none"], ["precompute", "--cache_dir", str(tmp_path / "cache")]):
+        assert cli_main([*command, *common]) == 2
+        message = capsys.readouterr().err
+        assert f"`pretrained_model_name_or_path` '{empty}' could not be loaded" in message and message.count("\n") == 1, message

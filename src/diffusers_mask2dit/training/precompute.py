@@ -324,7 +324,13 @@ def precompute(config: TrainingConfig) -> Optional[str]:
     )
     # Frozen encoders in the training precision on GPUs; fp32 on CPU, where bf16 convolutions are slow.
     dtype = WEIGHT_DTYPES[config.mixed_precision] if state.device.type != "cpu" else torch.float32
-    encoder = load_encoders(config, state.device, dtype)
+    try:
+        encoder = load_encoders(config, state.device, dtype)
+    except OSError as error:  # a folder without the CogVideoX components, or a Hub id that cannot be fetched
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {config.pretrained_model_name_or_path!r} could not be loaded: "
+            f"{str(error).strip().splitlines()[0]}"
+        ) from None
     precompute_cache(config, encoder, records, state.process_index, state.num_processes)
     state.wait_for_everyone()
     path = write_cache_index(config, records, float(encoder.vae.config.scaling_factor)) if state.is_main_process else None
