@@ -255,7 +255,8 @@ def test_stock_cogvideox_folder_gets_a_card_that_says_what_it_is(plain, tmp_path
     result = build_hub_folder(plain, tmp_path / "hub", repo_id="me/cogvideox-mask2dit", base_model="THUDM/CogVideoX-5b")
     assert result.card == "stock"
     card = (tmp_path / "hub" / "README.md").read_text()
-    assert "unmodified weights of [THUDM/CogVideoX-5b]" in card and "not trained for multi-scene" in card
+    assert "CogVideoX weights of [THUDM/CogVideoX-5b]" in card and "not trained" in card and "unmodified" in card
+    assert any("--card finetune" in note for note in result.notes)
     assert "fine-tuned in full" not in card and "(assumed: the package default" in card
     assert "base_model_relation" not in card  # the same weights: no adapter / finetune relation
     # Asking for the fine-tune card explicitly still works.

@@ -435,6 +435,9 @@ def build_hub_folder(
     except UnsafePathError as error:
         raise BuildError(str(error)) from None
     card, card_kind = _choose_card(card, inputs, model)
+    if card == "stock" and inputs.stock:
+        notes.append("card: stock (no scene mask or training options recorded: unmodified CogVideoX weights); "
+                     "pass --card finetune for a fine-tune made with other tools.")
     try:
         text = cards.model_card(
             card, repo_id=repo_id, base_model=base_model, kind=card_kind, mask_variant=inputs.mask_variant,
