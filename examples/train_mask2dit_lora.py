@@ -15,7 +15,7 @@ import sys
 
 from accelerate import PartialState
 
-from diffusers_mask2dit.training import NonFiniteLossError, train
+from diffusers_mask2dit.training import CollectiveTimeoutError, NonFiniteLossError, train
 from diffusers_mask2dit.training.config import add_config_arguments, config_from_args
 
 
@@ -33,7 +33,9 @@ def main(argv=None) -> int:
         parser.error(str(error))
     try:
         result = train(config)
-    except NonFiniteLossError as error:
+    except ValueError as error:  # a bad model, data file, output folder or checkpoint: before any training
+        parser.error(str(error))
+    except (NonFiniteLossError, CollectiveTimeoutError) as error:
         print(error, file=sys.stderr)
         return 1
     if PartialState().is_main_process:

@@ -254,3 +254,48 @@ def test_card_templates_render_strictly():
     for name in ("mask2dit", "lora"):
         template = cards.find_card(name).read_text()
         assert "{{repo_id}}" in template and "trust_remote_code=True" in template
+
+
+def test_stock_cogvideox_folder_gets_a_card_that_says_what_it_is(plain, tmp_path):
+    result = build_hub_folder(plain, tmp_path / "hub", repo_id="me/cogvideox-mask2dit", base_model="THUDM/CogVideoX-5b")
+    assert result.card == "stock"
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "CogVideoX weights of [THUDM/CogVideoX-5b]" in card and "not trained" in card and "unmodified" in card
+    assert any("--card finetune" in note for note in result.notes)
+    assert "fine-tuned in full" not in card and "(assumed: the package default" in card
+    assert "base_model_relation" not in card  # the same weights: no adapter / finetune relation
+    # Asking for the fine-tune card explicitly still works.
+    again = build_hub_folder(plain, tmp_path / "hub2", repo_id="me/x", base_model="THUDM/CogVideoX-5b", card="finetune")
+    assert again.card == "finetune" and "fine-tuned in full" in (tmp_path / "hub2" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("repo_id", ["no-owner", "me/", "me/bad name", "a/b/c", "../x"])
+def test_build_validates_repo_id_as_push_does(plain, tmp_path, repo_id, capsys):
+    from diffusers_mask2dit.cli import main
+    from diffusers_mask2dit.hub.push import PushError, plan_push
+
+    with pytest.raises(BuildError, match="--repo-id must be a Hub id"):
+        build_hub_folder(plain, tmp_path / "hub", repo_id=repo_id, base_model="THUDM/CogVideoX-5b")
+    assert not (tmp_path / "hub").exists()
+    with pytest.raises(PushError, match="--repo must be a Hub id"):
+        plan_push(plain, repo_id)
+    assert main(["hub", "build", "--model", str(plain), "--out", str(tmp_path / "hub"), "--repo-id", repo_id]) == 1
+    assert "--repo-id must be a Hub id" in capsys.readouterr().err
+
+
+def test_trainer_card_and_hub_card_come_from_one_writer(tmp_path):
+    """The trainer's README and `hub build`'s card are the same template: same training table, same sections."""
+    from diffusers_mask2dit.hub.cards import model_card
+
+    training = {"stage": "sft", "cond_prob": 0.5, "num_scenes": 3, "lora_rank": 8, "lora_alpha": 8.0, "mask_variant": "v3"}
+    local = model_card("lora", base_model=str(tmp_path), kind="lora", mask_variant="v3", training=training,
+                       weights_path=str(tmp_path / "run"))
+    hub = model_card("lora", repo_id="me/lora", base_model="THUDM/CogVideoX-5b", kind="lora", mask_variant="v3",
+                     training=training)
+    for text in (local, hub):
+        assert "| LoRA rank / alpha | 8 / 8.0 |" in text and "`lora_rank`: 8" in text and "{{" not in text
+    assert f'pipe.load_lora_weights("{tmp_path / "run"}")' in local and "mask2dit hub build --model" in local
+    assert "base_model:" not in local and "trust_remote_code" not in local  # a local base is not a Hub id
+    assert 'pipe.load_lora_weights("me/lora"' in hub and str(tmp_path) not in hub
+    with pytest.raises(cards.CardError, match="weights_path"):
+        model_card("lora", base_model="THUDM/CogVideoX-5b", kind="lora")

@@ -56,10 +56,12 @@ def load_official_components(
     if "text_encoder" not in components:
         components["text_encoder"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", **text_kwargs)
     if "vae" not in components:
-        components["vae"] = AutoencoderKLCogVideoX.from_pretrained(path, subfolder="vae", **diffusers_kwargs)
+        components["vae"] = AutoencoderKLCogVideoX.from_pretrained(
+            path, subfolder="vae", **pickled_shards_kwargs(path, "vae", diffusers_kwargs)
+        )
     if "transformer" not in components:
         components["transformer"] = Mask2DiTTransformer3DModel.from_pretrained(
-            path, subfolder="transformer", **diffusers_kwargs
+            path, subfolder="transformer", **pickled_shards_kwargs(path, "transformer", diffusers_kwargs)
         )
     if "scheduler" not in components:
         scheduler_config = diffusers.CogVideoXDDIMScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)
@@ -69,6 +71,21 @@ def load_official_components(
             scheduler_class = diffusers.CogVideoXDDIMScheduler
         components["scheduler"] = scheduler_class.from_config(scheduler_config)
     return components
+
+
+def pickled_shards_kwargs(path: str, subfolder: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` plus ``use_safetensors=False`` for a local model folder whose only weights are sharded ``.bin`` files.
+
+    diffusers looks for a sharded index only in the format it prefers (safetensors) and falls back to a
+    single ``.bin`` file, so sharded ``.bin`` weights (as in the authors' release) must be asked for; they
+    are still read with ``torch.load(weights_only=True)``.
+    """
+    folder = os.path.join(path, subfolder)
+    if "use_safetensors" in kwargs or not os.path.isdir(folder) or any(n.endswith(".safetensors") for n in os.listdir(folder)):
+        return kwargs
+    if not os.path.isfile(os.path.join(folder, "diffusion_pytorch_model.bin.index.json")):
+        return kwargs
+    return {**kwargs, "use_safetensors": False}
 
 
 def has_model_index(pretrained_model_name_or_path: Union[str, os.PathLike], kwargs: Dict[str, Any]) -> bool:

@@ -29,9 +29,10 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..layout import DEFAULT_MASK_VARIANT, check_mask_variant
+from ..paths import UnsafePathError, check_inside, files_under
 from . import cards
 from .bundle import bundle_pipeline
 from .convert import (
@@ -43,21 +44,16 @@ from .convert import (
     _copy_file,
     convert_official,
     normalise_transformer_config,
+    publishable_report,
 )
 
 KINDS = ("auto", "pipeline", "official", "transformer", "lora")
-CARD_CHOICES = ("auto", "mask2dit", "finetune", "lora")
+CARD_CHOICES = ("auto", "mask2dit", "finetune", "lora", "stock")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_FILE = "pipeline.py"
 CARD_FILE = "README.md"
 _BUNDLE_HEADER = '"""Mask²DiT custom pipeline for diffusers'
 
-# Training options that are safe and useful to publish (never local paths).
-TRAINING_KEYS = (
-    "stage", "finetune", "num_scenes", "frames_per_scene", "height", "width", "mask_variant", "cond_prob",
-    "lora_rank", "lora_alpha", "lora_target_modules", "learning_rate", "lr_scheduler", "max_train_steps",
-    "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "max_grad_norm", "seed",
-)
 TRAINING_FILES = ("training_config.json", "training_config.yaml", "training_config.yml", "mask2dit_training.json")
 
 
@@ -120,6 +116,11 @@ def read_training_config(model: Path, path: Optional[os.PathLike | str] = None) 
             if path:
                 raise BuildError(f"--training-config {candidate} does not exist.")
             continue
+        if not path:  # found beside the weights: its values reach the card, so it must be the folder's own
+            try:
+                check_inside(candidate, model, "--model file")
+            except UnsafePathError as error:
+                raise BuildError(str(error)) from None
         text = candidate.read_text(encoding="utf-8")
         if candidate.suffix in (".yaml", ".yml"):
             import yaml
@@ -129,14 +130,8 @@ def read_training_config(model: Path, path: Optional[os.PathLike | str] = None) 
             data = json.loads(text)
         if not isinstance(data, dict):
             raise BuildError(f"{candidate} must hold a mapping of training options.")
-        return {key: data[key] for key in TRAINING_KEYS if data.get(key) not in (None, "", [])}
+        return cards.publishable_training(data)
     return {}
-
-
-def _training_details(training: Mapping[str, Any]) -> str:
-    if not training:
-        return "- Not recorded with the weights."
-    return "\n".join(f"- `{key}`: {json.dumps(value) if not isinstance(value, str) else value}" for key, value in training.items())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,10 +162,9 @@ def _prepare_out(model: Path, out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _copy_tree(src: Path, dst: Path, link: bool) -> None:
-    for path in sorted(src.rglob("*")):
-        if path.is_dir():
-            continue
+def _copy_tree(src: Path, dst: Path, link: bool, root: Path) -> None:
+    """Copy the files below ``src`` to ``dst``; a link that leads out of ``root`` is refused, naming it."""
+    for path in files_under(src, f"{src.name}/ file", root=root):
         target = dst / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         _copy_file(path, target, link)
@@ -223,15 +217,16 @@ def _components(index: Mapping[str, Any]) -> List[str]:
 
 def _copy_pipeline(model: Path, out: Path, link: bool, transformer_from: Optional[Path] = None) -> Dict[str, Any]:
     """Copy a diffusers pipeline folder's components, normalising model_index.json and the transformer config."""
-    index = _read_json(model / "model_index.json")
+    index = _read_json(check_inside(model / "model_index.json", model, "--model file"))  # its values are published
     components = _components(index)
     if "transformer" not in components:
         raise BuildError(f"{model}/model_index.json has no transformer component.")
     for name in components:
-        src = transformer_from if (name == "transformer" and transformer_from is not None) else model / name
+        own = name == "transformer" and transformer_from is not None
+        src = transformer_from if own else model / name
         if not src.is_dir():
             raise BuildError(f"{model}/model_index.json lists `{name}` but {src} is not a folder.")
-        _copy_tree(src, out / name, link)
+        _copy_tree(src, out / name, link, root=src if own else model)
     _write_json(out / "model_index.json", _normalised_index(index, model))
     config_path = out / "transformer" / "config.json"
     config, notes = normalise_transformer_config(_read_json(config_path))
@@ -274,74 +269,119 @@ def _check_lora_file(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Cards
-# --------------------------------------------------------------------------------------------------
-
-
-def model_card(
-    card: str,
-    *,
-    repo_id: str,
-    base_model: Optional[str] = None,
-    kind: str = "lora",
-    mask_variant: str = "v2",
-    mask_variant_known: bool = True,
-    training: Optional[Mapping[str, Any]] = None,
-    license: Optional[str] = None,
-    license_name: Optional[str] = None,
-    license_link: Optional[str] = None,
-    title: Optional[str] = None,
-) -> str:
-    """Render a model card. ``card``: ``"mask2dit"`` (the converted release), ``"lora"``/``"finetune"`` (the
-    template for the trainer's outputs) or a path to a template. The trainer can call this directly.
-
-    Args:
-        repo_id: the Hub repository the folder goes to (used in the snippets).
-        base_model: Hub id of the model that was fine-tuned (templates only; decides the licence when known).
-        kind: ``"lora"`` or ``"full"`` (which sections of the template to keep).
-        mask_variant: the attention mask the weights were trained with.
-        mask_variant_known: False when ``mask_variant`` is only the default (the card then says so).
-        training: publishable training options (see :data:`TRAINING_KEYS`).
-    """
-    import diffusers
-
-    from .. import __version__
-
-    template_path = cards.find_card(card)
-    template = template_path.read_text(encoding="utf-8")
-    values: Dict[str, Any] = {
-        "repo_id": repo_id,
-        "package_version": __version__,
-        "diffusers_version": diffusers.__version__,
-        "mask_variant": mask_variant,
-        "mask_variant_note": "" if mask_variant_known else " (assumed: the package default, not recorded with the weights)",
-    }
-    sections = {"lora": kind == "lora", "full": kind != "lora"}
-    if {"base_model", "license_yaml"} & set(cards.placeholders(template)):
-        if not base_model:
-            raise BuildError(
-                "The card needs --base-model: the Hub id of the model these weights were trained from "
-                "(e.g. THUDM/CogVideoX-5b)."
-            )
-        if os.path.exists(base_model) or base_model.startswith(("/", ".", "~")):
-            raise BuildError(f"--base-model must be a Hub id (owner/name), not a local path: {base_model!r}.")
-        fields = cards.license_fields(base_model, license, license_name, license_link)
-        values.update(
-            base_model=base_model,
-            base_model_relation="adapter" if kind == "lora" else "finetune",
-            license_yaml=cards.license_yaml(fields),
-            license_sentence=cards.license_sentence(fields),
-            title=title or repo_id.split("/")[-1],
-            training_details=_training_details(training or {}),
-        )
-    text = cards.render(template, values, sections)
-    cards.front_matter(text)
-    return text
-
-
-# --------------------------------------------------------------------------------------------------
 # Build
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inputs:
+    """What the input folder holds, checked before anything is written."""
+
+    kind: str
+    mask_variant: str
+    mask_variant_known: bool
+    stock: bool = False  # a pipeline folder with unmodified CogVideoX weights (no scene mask recorded)
+    transformer_dir: Optional[Path] = None
+    base_dir: Optional[Path] = None
+    lora_tensors: int = 0
+
+
+def _transformer_source(model: Path, kind: str, base: Optional[os.PathLike | str]) -> Tuple[Optional[Path], Optional[Path]]:
+    """``(transformer folder, base folder)`` of a ``transformer`` input; ``(None, None)`` for other kinds."""
+    if kind != "transformer":
+        return None, None
+    if base is None:
+        raise BuildError(
+            "A transformer folder alone needs --base: a diffusers folder (with model_index.json) that provides the "
+            "tokenizer, text encoder, VAE and scheduler (run `mask2dit convert-official` first for the authors' layout)."
+        )
+    base_dir = Path(base).resolve()
+    if not (base_dir / "model_index.json").is_file():
+        raise BuildError(f"--base {base_dir} has no model_index.json (convert the authors' layout with convert-official).")
+    return (model / "transformer" if _has_transformer_weights(model / "transformer") else model), base_dir
+
+
+def _check_inputs(model: Path, kind: str, base: Optional[os.PathLike | str], mask_variant: Optional[str],
+                  training: Mapping[str, Any]) -> _Inputs:
+    """Check the input folder of ``kind`` and find the scene mask its weights use."""
+    transformer_dir, base_dir = _transformer_source(model, kind, base)
+    lora_tensors, config_path = 0, None
+    if kind in ("official", "pipeline"):
+        config_path = model / "transformer" / "config.json"
+    elif kind == "transformer":
+        config_path = transformer_dir / "config.json"
+    elif not (model / LORA_WEIGHTS).is_file():
+        raise BuildError(f"{model} has no {LORA_WEIGHTS} (the diffusers LoRA format the trainer writes).")
+    else:
+        lora_tensors = _check_lora_file(check_inside(model / LORA_WEIGHTS, model, "--model file"))
+    if config_path is not None and mask_variant is not None:
+        raise BuildError("--mask-variant is for LoRA folders; a transformer's mask is read from its config.json.")
+    stock = False
+    if config_path is not None:
+        if not config_path.is_file():
+            raise BuildError(f"{config_path} is missing.")
+        try:
+            config_notes = normalise_transformer_config(_read_json(config_path))[1]
+        except (ConversionError, ValueError) as error:
+            raise BuildError(f"{config_path}: {error}") from None
+        recorded = "not in the source" not in config_notes["mask_variant_from"]
+        mask_variant = config_notes["attn_mask_variant"] if recorded else None
+        stock = kind == "pipeline" and not recorded and not training and not (model / REPORT_NAME).is_file()
+    elif mask_variant is not None:
+        mask_variant = check_mask_variant(mask_variant, "--mask-variant")
+    else:
+        mask_variant = training.get("mask_variant")
+    return _Inputs(
+        kind=kind, mask_variant=check_mask_variant(mask_variant or DEFAULT_MASK_VARIANT, "mask_variant"),
+        mask_variant_known=mask_variant is not None, stock=stock, transformer_dir=transformer_dir, base_dir=base_dir,
+        lora_tensors=lora_tensors,
+    )
+
+
+def _choose_card(card: str, inputs: _Inputs, model: Path) -> Tuple[str, str]:
+    """``(card name or template path, card kind)`` for the input."""
+    if card not in CARD_CHOICES and not str(card).endswith(".md"):
+        raise BuildError(f"--card must be one of {list(CARD_CHOICES)} or a path to a .md template, got {card!r}.")
+    if inputs.kind == "lora":
+        card_kind = "lora"
+    elif card == "stock" or (card == "auto" and inputs.stock):
+        card_kind = "stock"
+    else:
+        card_kind = "full"
+    if card == "auto":
+        is_release = inputs.kind == "official" or (inputs.kind == "pipeline" and (model / REPORT_NAME).is_file())
+        card = "mask2dit" if is_release else {"lora": "lora", "full": "finetune", "stock": "stock"}[card_kind]
+    return card, card_kind
+
+
+def _write_weights(model: Path, out: Path, inputs: _Inputs, link: bool, verify: str, notes: List[str]) -> Optional[Dict[str, Any]]:
+    """Copy or convert the weights into ``out``; returns the conversion report, if any."""
+    if inputs.kind == "official":
+        report = convert_official(model, out, verify=verify, link=link)
+        notes.append(report.summary())
+        return publishable_report(report.to_dict())
+    if inputs.kind == "pipeline":
+        _copy_pipeline(model, out, link)
+        if (model / REPORT_NAME).is_file():
+            conversion = publishable_report(_read_json(check_inside(model / REPORT_NAME, model, "--model file")))
+            _write_json(out / REPORT_NAME, conversion)  # rewritten: never carry local paths to the Hub
+            return conversion
+    elif inputs.kind == "transformer":
+        _copy_pipeline(inputs.base_dir, out, link, transformer_from=inputs.transformer_dir)
+        _check_transformer_fits(out)
+    else:
+        _copy_file(check_inside(model / LORA_WEIGHTS, model, "--model file"), out / LORA_WEIGHTS, link)
+        notes.append(f"LoRA: {inputs.lora_tensors} tensors.")
+    return None
+
+
+def check_repo_id(repo_id: str, flag: str = "--repo-id") -> str:
+    """``repo_id`` when it is a Hub id ``owner/name`` (the check ``mask2dit hub push`` makes)."""
+    from .push import REPO_ID_PATTERN
+
+    if not REPO_ID_PATTERN.match(repo_id or ""):
+        raise BuildError(f"{flag} must be a Hub id `owner/name` (letters, digits, '-', '_', '.'), got {repo_id!r}.")
+    return repo_id
 
 
 def build_hub_folder(
@@ -369,7 +409,8 @@ def build_hub_folder(
         repo_id: the target repository; the card's snippets use it (default ``your-name/<out folder name>``).
         base: for ``kind="transformer"``, the diffusers folder that provides the other components.
         base_model: Hub id of the model that was fine-tuned (cards of fine-tunes and LoRAs).
-        card: ``"auto"`` (``mask2dit`` for the converted release, else the template), a card name or a path.
+        card: ``"auto"`` (``mask2dit`` for the converted release, ``stock`` for a folder of unmodified
+            CogVideoX weights, else the template for fine-tunes and LoRAs), a card name or a path.
         mask_variant: for a LoRA, the scene mask it was trained with (default: from the training config, else
             the package default, which the card then marks as assumed). Pipelines take it from their config.
         link: hard-link weight files instead of copying them when possible.
@@ -380,71 +421,28 @@ def build_hub_folder(
         raise BuildError(f"--model {model} is not a folder.")
     if kind not in KINDS:
         raise BuildError(f"--kind must be one of {list(KINDS)}, got {kind!r}.")
-    kind = detect_kind(model) if kind == "auto" else kind
-    if card not in CARD_CHOICES and not str(card).endswith(".md"):
-        raise BuildError(f"--card must be one of {list(CARD_CHOICES)} or a path to a .md template, got {card!r}.")
     notes: List[str] = []
-    if not repo_id:
+    if repo_id:
+        check_repo_id(repo_id)
+    else:
         repo_id = f"your-name/{out.name}"
         notes.append(f"no --repo-id given: the card's snippets use {repo_id!r}; rebuild with --repo-id before pushing.")
-    training = read_training_config(model, training_config)
 
     # 1. Everything that can fail on the arguments is checked before the output folder is touched.
-    transformer_dir: Optional[Path] = None
-    base_dir: Optional[Path] = None
-    if kind in ("official", "pipeline"):
-        config_path = model / "transformer" / "config.json"
-    elif kind == "transformer":
-        if base is None:
-            raise BuildError(
-                "A transformer folder alone needs --base: a diffusers folder (with model_index.json) that provides the "
-                "tokenizer, text encoder, VAE and scheduler (run `mask2dit convert-official` first for the authors' layout)."
-            )
-        base_dir = Path(base).resolve()
-        if not (base_dir / "model_index.json").is_file():
-            raise BuildError(f"--base {base_dir} has no model_index.json (convert the authors' layout with convert-official).")
-        transformer_dir = model / "transformer" if _has_transformer_weights(model / "transformer") else model
-        config_path = transformer_dir / "config.json"
-    elif kind == "lora":
-        if not (model / LORA_WEIGHTS).is_file():
-            raise BuildError(f"{model} has no {LORA_WEIGHTS} (the diffusers LoRA format the trainer writes).")
-        lora_tensors = _check_lora_file(model / LORA_WEIGHTS)
-        config_path = None
-    else:  # pragma: no cover - guarded above
-        raise BuildError(f"Unknown kind {kind!r}.")
-    if config_path is not None and mask_variant is not None:
-        raise BuildError("--mask-variant is for LoRA folders; a transformer's mask is read from its config.json.")
-    if config_path is not None:
-        if not config_path.is_file():
-            raise BuildError(f"{config_path} is missing.")
-        try:
-            config_notes = normalise_transformer_config(_read_json(config_path))[1]
-        except (ConversionError, ValueError) as error:
-            raise BuildError(f"{config_path}: {error}") from None
-        mask_variant = config_notes["attn_mask_variant"] if "not in the source" not in config_notes["mask_variant_from"] else None
-    elif mask_variant is not None:
-        mask_variant = check_mask_variant(mask_variant, "--mask-variant")
-    else:
-        mask_variant = training.get("mask_variant")
-    mask_variant_known = mask_variant is not None
-    mask_variant = check_mask_variant(mask_variant or DEFAULT_MASK_VARIANT, "mask_variant")
-    card_kind = "lora" if kind == "lora" else "full"
-    is_release = kind == "official" or (kind == "pipeline" and (model / REPORT_NAME).is_file())
-    if card == "auto":
-        card = "mask2dit" if is_release else ("lora" if card_kind == "lora" else "finetune")
+    training = read_training_config(model, training_config)
     try:
-        text = model_card(
-            card,
-            repo_id=repo_id,
-            base_model=base_model,
-            kind=card_kind,
-            mask_variant=mask_variant,
-            mask_variant_known=mask_variant_known,
-            training=training,
-            license=license,
-            license_name=license_name,
-            license_link=license_link,
-            title=title,
+        inputs = _check_inputs(model, detect_kind(model) if kind == "auto" else kind, base, mask_variant, training)
+    except UnsafePathError as error:
+        raise BuildError(str(error)) from None
+    card, card_kind = _choose_card(card, inputs, model)
+    if card == "stock" and inputs.stock:
+        notes.append("card: stock (no scene mask or training options recorded: unmodified CogVideoX weights); "
+                     "pass --card finetune for a fine-tune made with other tools.")
+    try:
+        text = cards.model_card(
+            card, repo_id=repo_id, base_model=base_model, kind=card_kind, mask_variant=inputs.mask_variant,
+            mask_variant_known=inputs.mask_variant_known, training=training, license=license,
+            license_name=license_name, license_link=license_link, title=title,
         )
     except cards.CardError as error:
         raise BuildError(str(error)) from None
@@ -452,24 +450,9 @@ def build_hub_folder(
 
     # 2. Write the folder.
     _prepare_out(model, out, overwrite)
-    conversion: Optional[Dict[str, Any]] = None
     try:
-        if kind == "official":
-            report = convert_official(model, out, verify=verify, link=link)
-            conversion = report.to_dict()
-            notes.append(report.summary())
-        elif kind == "pipeline":
-            _copy_pipeline(model, out, link)
-            if (model / REPORT_NAME).is_file():
-                _copy_file(model / REPORT_NAME, out / REPORT_NAME, link=False)
-                conversion = _read_json(model / REPORT_NAME)
-        elif kind == "transformer":
-            _copy_pipeline(base_dir, out, link, transformer_from=transformer_dir)
-            _check_transformer_fits(out)
-        else:
-            _copy_file(model / LORA_WEIGHTS, out / LORA_WEIGHTS, link)
-            notes.append(f"LoRA: {lora_tensors} tensors.")
-    except (ConversionError, BuildError) as error:
+        conversion = _write_weights(model, out, inputs, link, verify, notes)
+    except (ConversionError, BuildError, UnsafePathError) as error:
         shutil.rmtree(out, ignore_errors=True)
         raise BuildError(str(error)) from None
     (out / CARD_FILE).write_text(text, encoding="utf-8")
@@ -482,6 +465,6 @@ def build_hub_folder(
         )
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     return BuildResult(
-        out=out, kind=kind, card=str(card), repo_id=repo_id, bundled_modules=bundle.modules, files=files,
+        out=out, kind=inputs.kind, card=str(card), repo_id=repo_id, bundled_modules=bundle.modules, files=files,
         notes=notes, conversion=conversion,
     )

@@ -10,6 +10,8 @@ The cards' Python snippets are executed by ``tests/test_docs_snippets.py`` again
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -18,8 +20,18 @@ CARD_FILES = {
     "mask2dit": "mask2dit-cogvideox-5b.md",  # the authors' checkpoint, converted (CogVideoX-5b base)
     "lora": "lora-template.md",  # LoRA adapters and full fine-tunes made with `mask2dit train`
     "finetune": "lora-template.md",
+    "stock": "lora-template.md",  # unmodified CogVideoX weights published with the Mask²DiT pipeline
 }
-TEMPLATE_SECTIONS = ("lora", "full")
+# Kinds of weights a card describes (the template's sections follow from them).
+CARD_KINDS = ("lora", "full", "stock")
+TEMPLATE_SECTIONS = ("hub", "local", "lora", "full", "finetune", "stock")
+
+# Training options that are safe and useful to publish (never local paths).
+TRAINING_KEYS = (
+    "stage", "finetune", "num_scenes", "frames_per_scene", "height", "width", "mask_variant", "cond_prob",
+    "lora_rank", "lora_alpha", "lora_target_modules", "learning_rate", "lr_scheduler", "max_train_steps",
+    "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "max_grad_norm", "seed",
+)
 
 # Licences of base models we know. The CogVideoX-5b transformer is under THUDM's "CogVideoX LICENSE"
 # (not an open-source licence); CogVideoX-2b is Apache-2.0.
@@ -62,9 +74,18 @@ def find_card(name_or_path: str) -> Path:
     )
 
 
+def _open_sections(template: str, keep: Any) -> str:
+    """``template`` with every section replaced by ``keep(match)``, outer sections first (sections of other
+    names may nest; a section never nests in one of its own name)."""
+    text = template
+    while _SECTION.search(text):
+        text = _SECTION.sub(keep, text)
+    return text
+
+
 def placeholders(template: str) -> List[str]:
     """The placeholder names a template uses (sections excluded), sorted."""
-    return sorted(set(_PLACEHOLDER.findall(_SECTION.sub(lambda m: m.group(2), template))))
+    return sorted(set(_PLACEHOLDER.findall(_open_sections(template, lambda m: m.group(2)))))
 
 
 def render(template: str, values: Mapping[str, Any], sections: Optional[Mapping[str, bool]] = None) -> str:
@@ -77,7 +98,7 @@ def render(template: str, values: Mapping[str, Any], sections: Optional[Mapping[
             raise CardError(f"The template has a section `{{{{#{name}}}}}` but no on/off value was given for it.")
         return match.group(2) if sections[name] else ""
 
-    text = _SECTION.sub(keep, template)
+    text = _open_sections(template, keep)
     missing = sorted({name for name in _PLACEHOLDER.findall(text) if name not in values})
     if missing:
         raise CardError(f"No value for the card placeholder(s) {missing}.")
@@ -151,3 +172,179 @@ def license_sentence(fields: Tuple[str, Optional[str], Optional[str]]) -> str:
     if license == "other":
         return f"The weights are subject to the [{name}]({link}) licence. `pipeline.py` is Apache-2.0."
     return f"Licence of the weights: `{license}`" + (f" ([text]({link}))" if link else "") + ". `pipeline.py` is Apache-2.0."
+
+
+# --------------------------------------------------------------------------------------------------
+# Training details
+# --------------------------------------------------------------------------------------------------
+
+
+def publishable_training(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """The options of :data:`TRAINING_KEYS` that have a value, in that order (never local paths)."""
+    return {key: options[key] for key in TRAINING_KEYS if options.get(key) not in (None, "", [])}
+
+
+def _training_rows(training: Mapping[str, Any]) -> List[Tuple[str, str]]:
+    """``(setting, value)`` rows of the summary table, for the options that were recorded."""
+    rows: List[Tuple[str, str]] = []
+    get = training.get
+    if "stage" in training:
+        stage = f"`{training['stage']}`"
+        if training["stage"] == "sft" and "cond_prob" in training:
+            stage += f" (n consecutive shots, conditional samples with p={training['cond_prob']})"
+        elif training["stage"] == "pretrain":
+            stage += " (n unrelated clips per sample)"
+        rows.append(("stage", stage))
+    if "num_scenes" in training:
+        rows.append(("scenes per sample", str(training["num_scenes"])))
+    if "frames_per_scene" in training:
+        rows.append(("frames per scene", str(training["frames_per_scene"])))
+    if "height" in training and "width" in training:
+        rows.append(("resolution", f"{training['height']}x{training['width']}"))
+    if "mask_variant" in training:
+        rows.append(("attention mask", str(training["mask_variant"])))
+    if "learning_rate" in training:
+        rows.append(("learning rate", f"{training['learning_rate']}" + (f" ({get('lr_scheduler')})" if "lr_scheduler" in training else "")))
+    if "max_train_steps" in training:
+        rows.append(("steps", str(training["max_train_steps"])))
+    if "train_batch_size" in training:
+        rows.append(("batch", f"{training['train_batch_size']} per device x {get('gradient_accumulation_steps', 1)} accumulation"))
+    if "mixed_precision" in training:
+        rows.append(("mixed precision", str(training["mixed_precision"])))
+    if "lora_rank" in training:
+        rank_alpha = "LoRA rank / alpha" if "lora_alpha" in training else "LoRA rank"
+        rows.append((rank_alpha, f"{training['lora_rank']}" + (f" / {training['lora_alpha']}" if "lora_alpha" in training else "")))
+    if "lora_target_modules" in training:
+        rows.append(("LoRA targets", ", ".join(training["lora_target_modules"])))
+    return rows
+
+
+def training_details(training: Mapping[str, Any]) -> str:
+    """The card's training section: a summary table, then every recorded option exactly as recorded."""
+    if not training:
+        return "- Not recorded with the weights."
+    lines = ["| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in _training_rows(training)]
+    lines += ["", "<details><summary>Options as recorded</summary>", ""]
+    lines += [f"- `{key}`: {value if isinstance(value, str) else json.dumps(value)}" for key, value in training.items()]
+    lines += ["", "</details>"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The card
+# --------------------------------------------------------------------------------------------------
+
+
+def is_local_path(value: str) -> bool:
+    """Whether ``value`` names a local folder rather than a Hub id."""
+    return os.path.exists(value) or value.startswith(("/", ".", "~")) or "\\" in value
+
+
+def _base_values(base_model: str, kind: str, license_fields_: Optional[Tuple[str, Optional[str], Optional[str]]]) -> Dict[str, str]:
+    """Placeholders that name the base model: front matter, link, name, licence."""
+    hub_id = not is_local_path(base_model)
+    relation = {"lora": "adapter", "full": "finetune"}.get(kind)
+    yaml_lines = [f"base_model: {base_model}"] if hub_id else []
+    if hub_id and relation:
+        yaml_lines.append(f"base_model_relation: {relation}")
+    if license_fields_ is not None:
+        yaml_lines.append(license_yaml(license_fields_))
+        sentence = license_sentence(license_fields_)
+    else:
+        sentence = (
+            "Not recorded here: the weights follow the licence of the base model. `mask2dit hub build` asks for it "
+            "(`--license`) before anything is published."
+        )
+    return {
+        "base_model": base_model,
+        "base_model_yaml": "\n".join(yaml_lines),
+        "base_link": f"[{base_model}](https://huggingface.co/{base_model})" if hub_id else f"`{base_model}`",
+        "license_sentence": sentence,
+    }
+
+
+def model_card(
+    card: str,
+    *,
+    repo_id: Optional[str] = None,
+    base_model: Optional[str] = None,
+    kind: str = "lora",
+    mask_variant: str = "v2",
+    mask_variant_known: bool = True,
+    training: Optional[Mapping[str, Any]] = None,
+    license: Optional[str] = None,
+    license_name: Optional[str] = None,
+    license_link: Optional[str] = None,
+    title: Optional[str] = None,
+    weights_path: Optional[str] = None,
+) -> str:
+    """Render a model card: the one writer of cards, for ``mask2dit hub build`` and for the trainer.
+
+    Args:
+        card: ``"mask2dit"`` (the converted release), ``"lora"``/``"finetune"``/``"stock"`` (the template for
+            LoRAs, fine-tunes and unmodified CogVideoX folders) or a path to a template.
+        repo_id: the Hub repository the folder goes to (used in the snippets). None renders the card of a
+            local training output instead (``weights_path`` must be given): its snippets load from local
+            folders, and the base model may be a local folder (its licence is then not stated).
+        base_model: Hub id (or, for a local card, folder) of the model that was fine-tuned.
+        kind: ``"lora"``, ``"full"`` or ``"stock"``: which sections of the template to keep.
+        mask_variant: the attention mask the weights were trained with.
+        mask_variant_known: False when ``mask_variant`` is only the default (the card then says so).
+        training: publishable training options (see :data:`TRAINING_KEYS`).
+        weights_path: local cards only: the folder that holds the trained weights.
+
+    Raises:
+        CardError: a missing or local ``base_model`` on a Hub card, an unknown licence, an unfilled template.
+    """
+    import diffusers
+
+    from .. import __version__
+
+    if kind not in CARD_KINDS:
+        raise CardError(f"`kind` must be one of {list(CARD_KINDS)}, got {kind!r}.")
+    local = repo_id is None
+    if local and not weights_path:
+        raise CardError("A card without `repo_id` describes a local training output: pass `weights_path`.")
+    template = find_card(card).read_text(encoding="utf-8")
+    values: Dict[str, Any] = {
+        "repo_id": repo_id or "", "weights_path": weights_path or "", "package_version": __version__,
+        "diffusers_version": diffusers.__version__, "mask_variant": mask_variant,
+        "mask_variant_note": "" if mask_variant_known else " (assumed: the package default, not recorded with the weights)",
+    }
+    sections = {"hub": not local, "local": local, "lora": kind == "lora", "full": kind != "lora",
+                "finetune": kind == "full", "stock": kind == "stock"}
+    if {"base_model", "base_model_yaml"} & set(placeholders(template)):
+        if not base_model:
+            raise CardError(
+                "The card needs --base-model: the Hub id of the model these weights were trained from "
+                "(e.g. THUDM/CogVideoX-5b)."
+            )
+        if not local and is_local_path(base_model):
+            raise CardError(f"--base-model must be a Hub id (owner/name), not a local path: {base_model!r}.")
+        fields = None
+        if not (local and is_local_path(base_model)):
+            try:
+                fields = license_fields(base_model, license, license_name, license_link)
+            except CardError:
+                if not local:
+                    raise
+        values.update(_base_values(base_model, kind, fields))
+        default_title = {"lora": "Mask²DiT LoRA", "full": "Mask²DiT fine-tuned transformer"}.get(kind, "Mask²DiT")
+        details = training_details(training or {})
+        if kind == "stock":
+            details = "- None: these are the base model's weights as it was released; diffusers-mask2dit did not train them."
+        values.update(title=title or (default_title if local else repo_id.split("/")[-1]), training_details=details)
+    text = _drop_empty_front_matter_lines(render(template, values, sections))
+    if not local:
+        front_matter(text)
+    return text
+
+
+def _drop_empty_front_matter_lines(card: str) -> str:
+    """Remove the blank lines that empty placeholders (e.g. no Hub base model) leave in the front matter."""
+    end = card.find("\n---\n", 4)
+    if not card.startswith("---\n") or end < 0:
+        return card
+    head = "\n".join(line for line in card[:end].split("\n") if line.strip())
+    return head + card[end:]

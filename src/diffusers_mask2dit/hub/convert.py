@@ -20,19 +20,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from ..layout import DEFAULT_MASK_VARIANT, check_mask_variant
+from ..paths import UnsafePathError, check_inside, confined, files_under
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
 REPORT_NAME = "mask2dit_conversion.json"
 VERIFY_MODES = ("load", "files", "none")
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
 
 # Weight file stems: diffusers models and transformers models.
 _STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -74,10 +78,9 @@ def find_weight_files(folder: Path, component: str) -> WeightFiles:
     ]
     for fmt, single, index in candidates:
         if (folder / single).is_file():
-            return WeightFiles(folder, fmt, [folder / single])
+            return WeightFiles(folder, fmt, [_inside(folder / single, folder)])
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            files = sorted({folder / name for name in weight_map.values()})
+            files = _shard_files(_inside(folder / index, folder))
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise ConversionError(f"{folder / index} lists shard files that are missing: {missing}.")
@@ -86,18 +89,63 @@ def find_weight_files(folder: Path, component: str) -> WeightFiles:
     for fmt in ("safetensors", "bin"):
         found = sorted(p for p in folder.glob(f"*.{fmt}") if p.is_file())
         if len(found) == 1:
-            return WeightFiles(folder, fmt, found)
+            return WeightFiles(folder, fmt, [_inside(found[0], folder)])
     raise ConversionError(
         f"No weights found in {folder}: expected {st_stem}.safetensors, a sharded "
         f"{st_stem}.safetensors.index.json, or the .bin equivalents."
     )
 
 
-def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
+def _inside(path: Path, folder: Path) -> Path:
+    """``path`` when it (following links) is inside ``folder``; a ConversionError naming it otherwise."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # old (non-zip) pickles cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        check_inside(path, folder, "Weight file")
+    except UnsafePathError as error:
+        raise ConversionError(str(error)) from None
+    return path
+
+
+def _shard_files(index: Path) -> List[Path]:
+    """The shard files a ``*.index.json`` names, each confined to the index's folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ConversionError(f"{index} is not a shard index with a `weight_map`: {error}") from None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: `weight_map` must map tensor names to shard file names.")
+    files = set()
+    for tensor, name in weight_map.items():
+        try:
+            files.add(confined(index.parent, name, f"{index.name}: the `weight_map` entry of {tensor!r}"))
+        except UnsafePathError as error:
+            raise ConversionError(str(error)) from None
+    return sorted(files)
+
+
+def _refusal_reason(error: BaseException) -> str:
+    """What torch's weights-only loader refused, without its advice on how to load the file anyway."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if found:
+        return f"it names `{found.group(1)}`, which is not a tensor type."
+    return "it is not a plain tensor file."
+
+
+def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint, read with torch's weights-only loader (no code runs)."""
+    import pickle
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) pickles cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConversionError(
+            f"{path}: refused: the pickle holds objects other than tensors, which convert-official never loads "
+            f"({_refusal_reason(error)}) Ask the publisher for safetensors weights."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise ConversionError(f"{path}: cannot be read as a PyTorch checkpoint (damaged or not a checkpoint): {str(error).splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise ConversionError(f"{path} does not hold a state dict (got {type(state).__name__}).")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -374,6 +422,7 @@ class ConversionReport:
         }
 
     def summary(self) -> str:
+        """What was converted, for the terminal (it names the local folders; the written report does not)."""
         lines = [f"Converted {self.source} -> {self.output}"]
         for name in COMPONENTS:
             info = self.components.get(name, {})
@@ -393,6 +442,22 @@ class ConversionReport:
             f"({self.transformer_config.get('mask_variant_from')})"
         )
         return "\n".join(lines)
+
+
+def publishable_report(report: Dict[str, Any]) -> Dict[str, Any]:
+    """``report`` without local paths: the source and output folders (and any other absolute path in it) are
+    reduced to their folder names, so that the report can be published with the weights."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or _WINDOWS_PATH.match(value)):
+            return PureWindowsPath(value).name if "\\" in value else Path(value).name
+        return value
+
+    return clean(report)
 
 
 def _copy_file(src: Path, dst: Path, link: bool) -> None:
@@ -419,9 +484,11 @@ def _check_source(src: Path) -> None:
             raise ConversionError(f"{src / name} has no {config}.")
 
 
-def prepare_output_dir(out: Path, overwrite: bool, marker: Optional[str] = None) -> None:
-    """Create ``out``; an existing non-empty folder is replaced only with ``overwrite`` and only when it holds
-    ``marker`` (a file an earlier run of this tool wrote), so that no unrelated folder is ever deleted."""
+def check_output_dir(out: Path, overwrite: bool, marker: Optional[str] = None) -> None:
+    """Refuse an existing non-empty ``out`` unless ``overwrite`` and it holds ``marker`` (a file an earlier
+    run of this tool wrote), so that no unrelated folder is ever replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"The output folder {out} is a file.")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConversionError(f"The output folder {out} exists and is not empty; pass --overwrite to replace it.")
@@ -430,8 +497,92 @@ def prepare_output_dir(out: Path, overwrite: bool, marker: Optional[str] = None)
                 f"--overwrite refuses to delete {out}: it does not look like an earlier output of this command "
                 f"(no {marker}). Remove it yourself or choose another folder."
             )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _convert_component(src: Path, name: str, out_dir: Path, link: bool) -> Tuple[Dict[str, Any], Optional[WeightFiles]]:
+    """Copy one component folder (weights as safetensors); returns its report entry and its source weights."""
+    src_dir = src / name
+    out_dir.mkdir()
+    weights = find_weight_files(src_dir, name) if name in WEIGHT_COMPONENTS else None
+    weight_paths = set(weights.files) | ({weights.index} if weights.index else set()) if weights is not None else set()
+    try:
+        files = files_under(src_dir, f"{name}/ file", root=src)
+    except UnsafePathError as error:
+        raise ConversionError(str(error)) from None
+    for path in files:
+        if path in weight_paths:
+            continue
+        if weights is not None and path.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"):
+            continue  # other weight files (e.g. another format of the same weights) are not carried over
+        target = out_dir / path.relative_to(src_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _copy_file(path, target, link)
+    if weights is None:
+        return {"action": "copied"}, None
+    if weights.fmt == "safetensors":
+        for path in weights.files + ([weights.index] if weights.index else []):
+            _copy_file(path, out_dir / path.name, link)
+        return {"action": "safetensors copied unchanged"}, weights
+    _bin_to_safetensors(weights, out_dir, name)
+    return {"action": f"{len(weights.files)} .bin file(s) rewritten as safetensors"}, weights
+
+
+def _verify_conversion(out: Path, sources: Dict[str, WeightFiles], classes: Dict[str, Tuple[str, str]],
+                       report: ConversionReport) -> None:
+    """Compare every source tensor with the written files and (``verify="load"``) with the loaded models."""
+    for name, weights in sources.items():
+        out_weights = find_weight_files(out / name, name)
+        report.components[name].update(verify_files(weights, out_weights))
+        if report.verify == "load":
+            model = _load_component(out, name, classes[name], _dominant_float_dtype(weights))
+            report.components[name].update(verify_loaded(weights, model))
+            expected = report.transformer_config["attn_mask_variant"]
+            if name == "transformer" and model.config.attn_mask_variant != expected:
+                raise ConversionError(
+                    f"The converted transformer loads with mask {model.config.attn_mask_variant!r}, expected {expected!r}."
+                )
+            del model
+    if report.verify == "load":
+        import diffusers
+        import transformers
+
+        getattr(transformers, classes["tokenizer"][1]).from_pretrained(str(out / "tokenizer"))
+        getattr(diffusers, classes["scheduler"][1]).from_pretrained(str(out), subfolder="scheduler")
+        report.components["tokenizer"]["loaded_class"] = classes["tokenizer"][1]
+        report.components["scheduler"]["loaded_class"] = classes["scheduler"][1]
+
+
+def _convert_into(src: Path, staging: Path, report: ConversionReport, link: bool) -> None:
+    """Write the whole converted folder into ``staging`` (verified as ``report.verify`` says)."""
+    sources: Dict[str, WeightFiles] = {}
+    for name in COMPONENTS:
+        report.components[name], weights = _convert_component(src, name, staging / name, link)
+        if weights is not None:
+            sources[name] = weights
+
+    # Transformer config: stock class name, one mask-variant key.
+    config_path = staging / "transformer" / "config.json"
+    config, report.transformer_config = normalise_transformer_config(_read_json(config_path))
+    config_path.unlink()  # with --link it is the source's own file: never write through the link
+    _write_json(config_path, config)
+
+    classes = component_classes(staging)
+    old_index = _read_json(src / "model_index.json") if report.had_model_index else {}
+    _write_json(staging / "model_index.json", stock_model_index(classes, old_index.get("_diffusers_version")))
+    if report.verify != "none":
+        _verify_conversion(staging, sources, classes, report)
+    _write_json(staging / REPORT_NAME, publishable_report(report.to_dict()))
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the complete ``staging`` folder at ``out``, replacing what was there only now."""
+    if out.exists():
+        retired = out.parent / f".old-{out.name}-{os.getpid()}"
+        os.rename(out, retired)
+        os.rename(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, out)
 
 
 def convert_official(
@@ -443,6 +594,10 @@ def convert_official(
 ) -> ConversionReport:
     """Convert the authors' released layout in ``src`` into a standard diffusers folder ``out``.
 
+    The folder is written and verified under a temporary name beside ``out`` and renamed to ``out`` only
+    when complete: a failure (a refused pickle, a file that escapes ``src``, a tensor that differs) leaves
+    ``out`` as it was. Files are read only from inside ``src``: a link out of it is refused, naming it.
+
     Args:
         src: folder with ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` (e.g. a download of
             ``qth/Mask2DiT``); a ``model_index.json`` may or may not be there.
@@ -452,10 +607,10 @@ def convert_official(
         link: hard-link unchanged files instead of copying them (same file system only; falls back to copy).
 
     Returns:
-        The :class:`ConversionReport`, also written to ``out/mask2dit_conversion.json``.
+        The :class:`ConversionReport`, also written (without local paths) to ``out/mask2dit_conversion.json``.
 
     Raises:
-        ConversionError: unknown layout, a missing file, or a tensor that differs after conversion.
+        ConversionError: unknown layout, a missing or refused file, or a tensor that differs after conversion.
     """
     src, out = Path(src).resolve(), Path(out).resolve()
     if verify not in VERIFY_MODES:
@@ -463,76 +618,15 @@ def convert_official(
     _check_source(src)
     if out == src or src in out.parents:
         raise ConversionError(f"The output folder {out} must not be the source folder or inside it.")
-    prepare_output_dir(out, overwrite, marker=REPORT_NAME)
+    check_output_dir(out, overwrite, marker=REPORT_NAME)
     report = ConversionReport(source=str(src), output=str(out), verify=verify,
                               had_model_index=(src / "model_index.json").is_file())
-
-    sources: Dict[str, WeightFiles] = {}
-    for name in COMPONENTS:
-        src_dir, out_dir = src / name, out / name
-        out_dir.mkdir()
-        info: Dict[str, Any] = {}
-        weights = find_weight_files(src_dir, name) if name in WEIGHT_COMPONENTS else None
-        weight_paths = set()
-        if weights is not None:
-            weight_paths = set(weights.files) | ({weights.index} if weights.index else set())
-        for path in sorted(src_dir.rglob("*")):
-            if path.is_dir() or path in weight_paths:
-                continue
-            if weights is not None and path.suffix in (".bin", ".safetensors", ".pt", ".pth", ".ckpt"):
-                continue  # other weight files (e.g. another format of the same weights) are not carried over
-            target = out_dir / path.relative_to(src_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _copy_file(path, target, link)
-        if weights is not None:
-            sources[name] = weights
-            if weights.fmt == "safetensors":
-                for path in weights.files + ([weights.index] if weights.index else []):
-                    _copy_file(path, out_dir / path.name, link)
-                info["action"] = "safetensors copied unchanged"
-            else:
-                _bin_to_safetensors(weights, out_dir, name)
-                info["action"] = f"{len(weights.files)} .bin file(s) rewritten as safetensors"
-        else:
-            info["action"] = "copied"
-        report.components[name] = info
-
-    # Transformer config: stock class name, one mask-variant key.
-    config_path = out / "transformer" / "config.json"
-    config, notes = normalise_transformer_config(_read_json(config_path))
-    config_path.unlink()  # with --link it is the source's own file: never write through the link
-    _write_json(config_path, config)
-    report.transformer_config = notes
-
-    classes = component_classes(out)
-    old_index = _read_json(src / "model_index.json") if report.had_model_index else {}
-    _write_json(out / "model_index.json", stock_model_index(classes, old_index.get("_diffusers_version")))
-
-    # Verification.
-    for name, weights in sources.items():
-        out_weights = find_weight_files(out / name, name)
-        if verify == "none":
-            continue
-        report.components[name].update(verify_files(weights, out_weights))
-        if verify == "load":
-            dtype = _dominant_float_dtype(weights)
-            model = _load_component(out, name, classes[name], dtype)
-            report.components[name].update(verify_loaded(weights, model))
-            if name == "transformer" and model.config.attn_mask_variant != notes["attn_mask_variant"]:
-                raise ConversionError(
-                    f"The converted transformer loads with mask {model.config.attn_mask_variant!r}, expected "
-                    f"{notes['attn_mask_variant']!r}."
-                )
-            del model
-    if verify == "load":
-        import transformers
-
-        getattr(transformers, classes["tokenizer"][1]).from_pretrained(str(out / "tokenizer"))
-        import diffusers
-
-        getattr(diffusers, classes["scheduler"][1]).from_pretrained(str(out), subfolder="scheduler")
-        report.components["tokenizer"]["loaded_class"] = classes["tokenizer"][1]
-        report.components["scheduler"]["loaded_class"] = classes["scheduler"][1]
-
-    _write_json(out / REPORT_NAME, report.to_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".tmp-{out.name}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        _convert_into(src, staging, report, link)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report

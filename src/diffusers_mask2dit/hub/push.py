@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Files never uploaded: caches and editor / OS leftovers.
 IGNORE_PATTERNS = ["**/__pycache__/**", "**/.DS_Store", ".git/**", ".cache/**", "**/*.pyc"]
 
@@ -70,7 +70,7 @@ def plan_push(
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise PushError(f"--folder {folder} is not a folder.")
-    if not _REPO_ID.match(repo_id or ""):
+    if not REPO_ID_PATTERN.match(repo_id or ""):
         raise PushError(f"--repo must be a Hub id `owner/name`, got {repo_id!r}.")
     if revision is not None and (not revision.strip() or revision != revision.strip()):
         raise PushError(f"--revision must be a branch name without surrounding spaces, got {revision!r}.")
@@ -78,12 +78,17 @@ def plan_push(
         raise PushError(f"{folder} has no README.md (model card): build it with `mask2dit hub build` first.")
     if not (folder / "pipeline.py").is_file():
         raise PushError(f"{folder} has no pipeline.py: build it with `mask2dit hub build` first.")
+    from ..paths import UnsafePathError, files_under
+
+    try:
+        paths = files_under(folder, "--folder file")  # a link out of the folder would upload what it points to
+    except UnsafePathError as error:
+        raise PushError(str(error)) from None
     files = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            relative = path.relative_to(folder).as_posix()
-            if not _ignored(relative):
-                files.append((relative, path.stat().st_size))
+    for path in paths:
+        relative = path.relative_to(folder).as_posix()
+        if not _ignored(relative):
+            files.append((relative, path.stat().st_size))
     return PushPlan(
         folder=folder,
         repo_id=repo_id,

@@ -4,10 +4,11 @@ from .config import TrainingConfig, parse_bool
 from .data import Clip, MultiSceneDataset, frame_indices, load_training_records
 from .loss import DiffusionBatch, prepare_diffusion_batch, training_loss, v_prediction_loss
 from .precompute import SceneEncoder, precompute
-from .trainer import NonFiniteLossError, TrainingResult, train
+from .trainer import CollectiveTimeoutError, NonFiniteLossError, TrainingResult, train
 
 __all__ = [
     "Clip",
+    "CollectiveTimeoutError",
     "DiffusionBatch",
     "MultiSceneDataset",
     "NonFiniteLossError",

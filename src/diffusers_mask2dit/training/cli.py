@@ -36,19 +36,24 @@ def register_cli(subparsers: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .trainer import NonFiniteLossError, train
+    """Exit status 2 for a bad option, model, data file or output folder (one line, no traceback); 1 when a
+    started run stops on non-finite values or a hung process (the message names the checkpoint to resume)."""
+    from .trainer import CollectiveTimeoutError, NonFiniteLossError, train
 
     try:
         config = config_from_args(args)
-    except ValueError as error:
-        print(f"mask2dit train: {error}", file=sys.stderr)
-        return 2
-    try:
         train(config)
-    except NonFiniteLossError as error:
-        print(f"mask2dit train: {error}", file=sys.stderr)
+    except ValueError as error:
+        print(f"mask2dit train: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, CollectiveTimeoutError) as error:
+        print(f"mask2dit train: {_one_line(error)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def run_precompute(args: argparse.Namespace) -> int:
@@ -63,7 +68,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     try:
         precompute(config)
     except ValueError as error:
-        print(f"mask2dit precompute: {error}", file=sys.stderr)
+        print(f"mask2dit precompute: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0
 

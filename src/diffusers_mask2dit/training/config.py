@@ -41,6 +41,9 @@ PIXEL_MULTIPLE = 16
 # Multi-scene prompts on the command line: scenes of one prompt separated by this character.
 SCENE_SEPARATOR = "|"
 
+# Options whose accepted words YAML reads as booleans when unquoted (`mixed_precision: no`).
+_YAML_BOOLEAN_WORDS = {"mixed_precision": {False: "no", True: "yes"}}
+
 _BOOL_TRUE = ("1", "true", "yes", "on", "y", "t")
 _BOOL_FALSE = ("0", "false", "no", "off", "n", "f")
 
@@ -71,8 +74,8 @@ class TrainingConfig:
     """Options of a Mask²DiT training run (both stages, LoRA or full fine-tuning) and of ``precompute``."""
 
     # ---- model
-    pretrained_model_name_or_path: str = _opt("", "Local CogVideoX(-5b/-2b/-1.5) or Mask²DiT folder with transformer/, vae/, text_encoder/, tokenizer/, scheduler/.")
-    transformer_path: Optional[str] = _opt(None, "Start from this transformer folder instead of <pretrained>/transformer (e.g. a stage-1 full fine-tune).")
+    pretrained_model_name_or_path: str = _opt("", "CogVideoX(-5b/-2b/-1.5) or Mask²DiT model: a Hub id (e.g. THUDM/CogVideoX-5b) or a local folder with transformer/, vae/, text_encoder/, tokenizer/, scheduler/.")
+    transformer_path: Optional[str] = _opt(None, "Start from this transformer (a local folder or Hub id) instead of <pretrained>/transformer (e.g. a stage-1 full fine-tune).")
     mask_variant: str = _opt("v2", "Attention mask: v1, v2, v3 or full.")
 
     # ---- data
@@ -120,6 +123,7 @@ class TrainingConfig:
     checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every this many optimizer steps (0: only at the end).")
     checkpoints_total_limit: Optional[int] = _opt(3, "Keep at most this many checkpoints (oldest removed first; none: keep all).")
     resume_from_checkpoint: Optional[str] = _opt(None, "\"latest\" or a checkpoint folder to resume from.")
+    collective_timeout: int = _opt(1800, "Seconds a process waits for the others in a collective operation before the run stops with an error (a hung or dead process).")
 
     # ---- validation
     validation_prompts: List[List[str]] = _opt([], f"Multi-scene prompts to render; on the command line scenes are separated by '{SCENE_SEPARATOR}'.")
@@ -164,7 +168,7 @@ class TrainingConfig:
                 raise ValueError(f"`{name}` must be a positive multiple of {PIXEL_MULTIPLE}, got {value}.")
         if not 0.0 <= self.cond_prob <= 1.0:
             raise ValueError(f"`cond_prob` must be in [0, 1], got {self.cond_prob}.")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank"):
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "collective_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
@@ -205,8 +209,17 @@ class TrainingConfig:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.finetune]
 
     def require_model(self) -> None:
+        """Check that a model is named: a local folder that exists, or a Hub id (loaded as diffusers does)."""
+        from ..paths import check_model_reference
+
         if not self.pretrained_model_name_or_path:
-            raise ValueError("`pretrained_model_name_or_path` is required: a local CogVideoX or Mask²DiT folder.")
+            raise ValueError(
+                "`pretrained_model_name_or_path` is required: a CogVideoX or Mask²DiT model, as a Hub id (e.g. "
+                "THUDM/CogVideoX-5b) or a local folder."
+            )
+        check_model_reference(self.pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        if self.transformer_path:
+            check_model_reference(self.transformer_path, "transformer_path")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,6 +258,10 @@ def load_config_file(path: str) -> Dict[str, Any]:
     extension = os.path.splitext(path)[1].lower()
     with open(path, "rb") as handle:
         raw = handle.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"`--config` file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}).") from None
     if extension in (".yaml", ".yml"):
         try:
             import yaml
@@ -305,6 +322,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"`{name}` must be a number, got {value!r}.") from None
     if annotation is str:
+        if isinstance(value, bool) and name in _YAML_BOOLEAN_WORDS:
+            return _YAML_BOOLEAN_WORDS[name][value]  # YAML 1.1 reads an unquoted `no` as false
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"`{name}` must be a string, got {value!r}.")
         return str(value)

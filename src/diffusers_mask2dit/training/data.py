@@ -15,6 +15,7 @@ warning with a count.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -84,8 +85,26 @@ class SkipReport:
 # ------------------------------------------------------------------------------------------------
 
 
-def _resolve(path: str, video_root: str) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(video_root, path))
+def _resolve(path: str, video_root: str) -> Optional[str]:
+    """The video's path, or None when it leaves ``video_root`` (an absolute path elsewhere, or ``..``)."""
+    root = os.path.normpath(os.path.abspath(video_root))
+    resolved = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
+    if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return resolved
+
+
+def _read_text(path: str) -> str:
+    """The data file's text; a file that is not UTF-8 is a ValueError naming it and the first bad byte."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"`data_file` {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+            "save it as UTF-8."
+        ) from None
 
 
 def _positive_int(value: Any) -> Optional[int]:
@@ -103,7 +122,12 @@ def _clip_from_fields(video: Any, caption: Any, num_frames: Optional[int], video
     if not isinstance(caption, str) or not caption.strip():
         skips.add("records without a caption", where)
         return None
-    return Clip(_resolve(video.strip(), video_root), caption.strip(), num_frames)
+    path = _resolve(video.strip(), video_root)
+    if path is None:
+        # A data file names videos only inside its video root: set `video_root` for videos elsewhere.
+        skips.add("videos outside the video root (set `video_root` to the folder that holds them)", f"{where}: {video.strip()!r} is outside {video_root}")
+        return None
+    return Clip(path, caption.strip(), num_frames)
 
 
 def read_pretrain_clips(path: str, video_root: Optional[str] = None) -> Tuple[List[Clip], SkipReport]:
@@ -117,7 +141,7 @@ def read_pretrain_clips(path: str, video_root: Optional[str] = None) -> Tuple[Li
     clips: List[Clip] = []
     extension = os.path.splitext(path)[1].lower()
     if extension == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+        with io.StringIO(_read_text(path), newline="") as handle:
             reader = csv.DictReader(handle)
             missing = {"path", "caption"} - set(reader.fieldnames or [])
             if missing:
@@ -157,11 +181,10 @@ def read_sft_videos(path: str, video_root: Optional[str] = None) -> Tuple[List[L
     videos: List[List[Clip]] = []
     extension = os.path.splitext(path)[1].lower()
     if extension == ".json":
-        with open(path, encoding="utf-8") as handle:
-            try:
-                records = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"`data_file` {path} is not valid JSON: {error}") from None
+        try:
+            records = json.loads(_read_text(path))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`data_file` {path} is not valid JSON: {error}") from None
         if not isinstance(records, list):
             raise ValueError(f"`data_file` {path} must hold a JSON list of {{\"prefix\", \"values\"}} records.")
         for number, record in enumerate(records):
@@ -206,7 +229,7 @@ def read_sft_videos(path: str, video_root: Optional[str] = None) -> Tuple[List[L
 
 
 def _jsonl_records(path: str, skips: SkipReport) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    with open(path, encoding="utf-8") as handle:
+    with io.StringIO(_read_text(path)) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..paths import confined
 from ..video_io import VideoReadError
 from .config import TrainingConfig
 from .data import Clip, SceneSource, SkipReport, derive_seed, load_clip_pixels, load_training_records, stable_key
@@ -111,6 +112,11 @@ def _atomic_save_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: 
             os.remove(tmp)
 
 
+def _model_key(model: str) -> str:
+    """How the cache records its model: a local folder by absolute path, a Hub id as it is."""
+    return os.path.abspath(model) if os.path.exists(model) else model
+
+
 def _settings(config: TrainingConfig, scaling_factor: float) -> Dict[str, Any]:
     return {
         "stage": config.stage,
@@ -119,7 +125,7 @@ def _settings(config: TrainingConfig, scaling_factor: float) -> Dict[str, Any]:
         "frame_counts": sorted(set(config.scene_frames)),
         "scaling_factor": scaling_factor,
         "dtype": config.cache_dtype,
-        "model": os.path.abspath(config.pretrained_model_name_or_path),
+        "model": _model_key(config.pretrained_model_name_or_path),
         "seed": config.seed,
     }
 
@@ -131,7 +137,7 @@ def _check_existing_cache(config: TrainingConfig) -> None:
         return
     with open(path, encoding="utf-8") as handle:
         settings = json.load(handle).get("settings", {})
-    current = {"model": os.path.abspath(config.pretrained_model_name_or_path), "dtype": config.cache_dtype, "seed": config.seed}
+    current = {"model": _model_key(config.pretrained_model_name_or_path), "dtype": config.cache_dtype, "seed": config.seed}
     names = {"model": "pretrained_model_name_or_path", "dtype": "cache_dtype", "seed": "seed"}
     for key, value in current.items():
         if key in settings and settings[key] != value:
@@ -194,12 +200,11 @@ def write_cache_index(config: TrainingConfig, records: Sequence[Sequence[Clip]],
                 for frames in sorted(set(config.scene_frames))
             }
             if not all(os.path.exists(os.path.join(latent_folder, name)) for name in files.values()):
+                skips.add("records with a clip that could not be encoded", clip.video)  # the clip itself, not the record's first
                 break
             entries.append({"video": clip.video, "caption": clip.caption, "files": files})
         if len(entries) == len(record):
             kept.append(entries)
-        else:
-            skips.add("records with a clip that could not be encoded", record[0].video)
     skips.warn("records from the cache")
     index = {
         "format": CACHE_FORMAT,
@@ -257,9 +262,13 @@ def open_cache(config: TrainingConfig) -> Tuple[List[List[Clip]], CacheSource]:
         )
     records: List[List[Clip]] = []
     files: Dict[Tuple[str, str], Dict[str, str]] = {}
-    for entries in index["records"]:
+    latent_folder = os.path.join(config.cache_dir, LATENT_FOLDER)
+    for number, entries in enumerate(index["records"]):
         records.append([Clip(entry["video"], entry["caption"]) for entry in entries])
         for entry in entries:
+            for frames, name in entry["files"].items():
+                # Names read from the index stay inside the cache's latents/ folder.
+                confined(latent_folder, name, f"{path}: record {number}, file for {frames} frames")
             files[(entry["video"], entry["caption"])] = entry["files"]
     if config.stage == "sft":
         short = [record for record in records if len(record) < config.num_scenes]
@@ -315,7 +324,13 @@ def precompute(config: TrainingConfig) -> Optional[str]:
     )
     # Frozen encoders in the training precision on GPUs; fp32 on CPU, where bf16 convolutions are slow.
     dtype = WEIGHT_DTYPES[config.mixed_precision] if state.device.type != "cpu" else torch.float32
-    encoder = load_encoders(config, state.device, dtype)
+    try:
+        encoder = load_encoders(config, state.device, dtype)
+    except OSError as error:  # a folder without the CogVideoX components, or a Hub id that cannot be fetched
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {config.pretrained_model_name_or_path!r} could not be loaded: "
+            f"{str(error).strip().splitlines()[0]}"
+        ) from None
     precompute_cache(config, encoder, records, state.process_index, state.num_processes)
     state.wait_for_everyone()
     path = write_cache_index(config, records, float(encoder.vae.config.scaling_factor)) if state.is_main_process else None
