@@ -113,81 +113,74 @@ def _check_style(style: str) -> str:
     return style
 
 
-def build_tiny_components(style: str = "5b", seed: int = 0) -> Dict[str, Any]:
-    """Build tiny random CogVideoX components, deterministic in ``seed``, in fp32.
-
-    Args:
-        style: ``"5b"`` (3D RoPE, like CogVideoX-5b and the released Mask²DiT), ``"2b"`` (sincos positional
-            embeddings) or ``"1.5"`` (RoPE and ``patch_size_t=2``).
-        seed: seeds the weights; the global torch RNG state is left untouched.
-
-    Returns:
-        ``dict(tokenizer, text_encoder, vae, transformer, scheduler)``, ready for ``CogVideoXPipeline(**components)``.
-    """
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+def _tiny_text_encoder(tokenizer):
     from transformers import T5Config, T5EncoderModel
 
-    style = _check_style(style)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tiny_tokenizer(tmp)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer),
-                d_model=TINY_TEXT_DIM,
-                d_kv=16,
-                d_ff=64,
-                num_layers=2,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as in CogVideoX's t5-v1_1-xxl
-                dropout_rate=0.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
-
-        torch.manual_seed(seed + 1)
-        # Four blocks: spatial compression 2**3 = 8 and, with ratio 4, temporal compression 4, as the real VAE.
-        vae = AutoencoderKLCogVideoX(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("CogVideoXDownBlock3D",) * 4,
-            up_block_types=("CogVideoXUpBlock3D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            latent_channels=TINY_LATENT_CHANNELS,
-            layers_per_block=1,
-            norm_num_groups=2,
-            temporal_compression_ratio=4,
-            sample_height=TINY_HEIGHT,
-            sample_width=TINY_WIDTH,
-            scaling_factor=1.15258426 if style == "2b" else 0.7,
-        )
-
-        torch.manual_seed(seed + 2)
-        transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=2,
-            attention_head_dim=16,
-            in_channels=TINY_LATENT_CHANNELS,
-            out_channels=TINY_LATENT_CHANNELS,
-            time_embed_dim=32,
-            text_embed_dim=TINY_TEXT_DIM,
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=TINY_TEXT_DIM,
+            d_kv=16,
+            d_ff=64,
             num_layers=2,
-            sample_width=TINY_WIDTH // 8,
-            sample_height=TINY_HEIGHT // 8,
-            sample_frames=TINY_FRAMES,
-            patch_size=2,
-            patch_size_t=2 if style == "1.5" else None,
-            temporal_compression_ratio=4,
-            max_text_seq_length=MAX_SEQUENCE_LENGTH,
-            use_rotary_positional_embeddings=style != "2b",
-            patch_bias=style != "1.5",
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as in CogVideoX's t5-v1_1-xxl
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
+    )
 
-    scheduler = CogVideoXDDIMScheduler(
+
+def _tiny_vae(style: str):
+    from diffusers import AutoencoderKLCogVideoX
+
+    # Four blocks: spatial compression 2**3 = 8 and, with ratio 4, temporal compression 4, as the real VAE.
+    return AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=TINY_LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+        sample_height=TINY_HEIGHT,
+        sample_width=TINY_WIDTH,
+        scaling_factor=1.15258426 if style == "2b" else 0.7,
+    )
+
+
+def _tiny_transformer(style: str):
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=TINY_LATENT_CHANNELS,
+        out_channels=TINY_LATENT_CHANNELS,
+        time_embed_dim=32,
+        text_embed_dim=TINY_TEXT_DIM,
+        num_layers=2,
+        sample_width=TINY_WIDTH // 8,
+        sample_height=TINY_HEIGHT // 8,
+        sample_frames=TINY_FRAMES,
+        patch_size=2,
+        patch_size_t=2 if style == "1.5" else None,
+        temporal_compression_ratio=4,
+        max_text_seq_length=MAX_SEQUENCE_LENGTH,
+        use_rotary_positional_embeddings=style != "2b",
+        patch_bias=style != "1.5",
+    )
+
+
+def _tiny_scheduler(style: str):
+    from diffusers import CogVideoXDDIMScheduler
+
+    return CogVideoXDDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -201,6 +194,31 @@ def build_tiny_components(style: str = "5b", seed: int = 0) -> Dict[str, Any]:
         snr_shift_scale=3.0 if style == "2b" else 1.0,
     )
 
+
+def build_tiny_components(style: str = "5b", seed: int = 0) -> Dict[str, Any]:
+    """Build tiny random CogVideoX components, deterministic in ``seed``, in fp32.
+
+    Args:
+        style: ``"5b"`` (3D RoPE, like CogVideoX-5b and the released Mask²DiT), ``"2b"`` (sincos positional
+            embeddings) or ``"1.5"`` (RoPE and ``patch_size_t=2``).
+        seed: seeds the weights; the global torch RNG state is left untouched.
+
+    Returns:
+        ``dict(tokenizer, text_encoder, vae, transformer, scheduler)``, ready for ``CogVideoXPipeline(**components)``.
+    """
+    style = _check_style(style)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_tokenizer(tmp)
+
+    with torch.random.fork_rng(devices=[]):
+        # One seed per model, so that changing one model's size leaves the others' weights as they were.
+        torch.manual_seed(seed)
+        text_encoder = _tiny_text_encoder(tokenizer)
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae(style)
+        torch.manual_seed(seed + 2)
+        transformer = _tiny_transformer(style)
+
     for model in (text_encoder, vae, transformer):
         model.eval()  # built in fp32 (torch default dtype); eval() only turns dropout off
     return {
@@ -208,7 +226,7 @@ def build_tiny_components(style: str = "5b", seed: int = 0) -> Dict[str, Any]:
         "text_encoder": text_encoder,
         "vae": vae,
         "transformer": transformer,
-        "scheduler": scheduler,
+        "scheduler": _tiny_scheduler(style),
     }
 
 
