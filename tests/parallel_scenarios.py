@@ -36,6 +36,13 @@ COLLECTIVE_TIMEOUT = 20  # seconds
 # --------------------------------------------------------------------------------------------------
 
 
+STYLES = ("5b", "2b", "1.5")  # RoPE; sincos positions; RoPE and 2-frame temporal patches
+GRADIENT_PARAMETERS = (
+    "time_embedding.linear_1.weight", "transformer_blocks.0.attn1.to_q.weight", "transformer_blocks.1.ff.net.0.proj.weight",
+    "norm_out.linear.weight",
+)
+
+
 def tiny_transformer(style: str = "5b"):
     from diffusers_mask2dit import Mask2DiTTransformer3DModel
 
@@ -43,7 +50,8 @@ def tiny_transformer(style: str = "5b"):
     return Mask2DiTTransformer3DModel(
         num_attention_heads=HEADS, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=12, num_layers=2, sample_width=10, sample_height=6, sample_frames=9, patch_size=2,
-        max_text_seq_length=TEXT_TOKENS, use_rotary_positional_embeddings=style == "5b",
+        patch_size_t=2 if style == "1.5" else None, max_text_seq_length=TEXT_TOKENS,
+        use_rotary_positional_embeddings=style != "2b",
     ).eval()
 
 
@@ -73,6 +81,20 @@ def transformer_outputs(model, style: str = "5b") -> Dict[str, torch.Tensor]:
             *one_scene, per_sample, image_rotary_emb=model.prepare_rotary_emb(6, 10, 3, "cpu")
         ).sample
     return outputs
+
+
+def transformer_gradients(model, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad):
+    """Gradients of a few parameters for a weighted sum of the v2 output with per-scene timesteps; ``reduce``
+    sums each over the processes (each holds its tokens' share)."""
+    latents, text = transformer_inputs()
+    model.zero_grad()
+    output = model(
+        latents, text, torch.tensor([[0, 0, 500], [0, 0, 900]]), scene_frames=SCENE_FRAMES,
+        image_rotary_emb=model.prepare_rotary_emb(6, 10, SCENE_FRAMES, "cpu"), attention_kwargs={"scene_mask": "v2"},
+    ).sample
+    (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
+    parameters = dict(model.named_parameters())
+    return {f"grad/{name}": reduce(parameters[name].grad.clone()) for name in GRADIENT_PARAMETERS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +139,10 @@ def pipeline_outputs(pipe, prefix: str) -> Dict[str, torch.Tensor]:
 
 def reference_outputs() -> Dict[str, torch.Tensor]:
     """Everything in one process, no torch.distributed."""
-    outputs = {**transformer_outputs(tiny_transformer("5b"), "5b"), **transformer_outputs(tiny_transformer("2b"), "2b")}
+    outputs = {}
+    for style in STYLES:
+        outputs.update(transformer_outputs(tiny_transformer(style), style))
+    outputs.update(transformer_gradients(tiny_transformer("5b")))
     outputs.update(pipeline_outputs(tiny_pipeline(), "pipe"))
     return outputs
 
@@ -167,16 +192,23 @@ def bad_setups(world: int) -> Dict[str, str]:
     return messages
 
 
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(tensor)
+    return tensor
+
+
 def parallel_outputs(world: int) -> Dict[str, torch.Tensor]:
     from diffusers import ContextParallelConfig
 
     from diffusers_mask2dit.parallel import enable_parallel_inference
 
     outputs = {}
-    for style in ("5b", "2b"):
+    for style in STYLES:
         model = tiny_transformer(style)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))  # diffusers' own entry point
         outputs.update(transformer_outputs(model, style))
+        if style == "5b":
+            outputs.update(transformer_gradients(model, _sum_over_processes))
     pipe = tiny_pipeline()
     enable_parallel_inference(pipe, ulysses_degree=world // 2, cfg_parallel=True)
     outputs.update(pipeline_outputs(pipe, "pipe"))

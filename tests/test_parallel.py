@@ -108,8 +108,9 @@ def _results(run):
 @pytest.mark.parametrize("world", [2, 4])
 def test_processes_reproduce_one_process(world, request, reference):
     """Every mask variant, per-sample and per-scene (extension) timesteps, text and video lengths that need
-    padding (21 and 105 tokens), one scene, RoPE and sincos models, and the pipeline's __call__, extend and
-    generate_long with guidance: CFG x Ulysses (2 x 1 and 2 x 2) and Ulysses alone (2)."""
+    padding (21 and 105 tokens), one scene, RoPE, sincos and 1.5-style models, parameter gradients (summed over
+    the processes), and the pipeline's __call__, extend and generate_long with guidance: CFG x Ulysses (2 x 1
+    and 2 x 2) and Ulysses alone (2)."""
     results = _results(request.getfixturevalue(f"world{world}"))
     expected_keys = set(reference) | ({"pipe_ulysses/call", "pipe_ulysses/extend", "pipe_ulysses/generate_long"}
                                       if world == 2 else set())
