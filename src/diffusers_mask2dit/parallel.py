@@ -479,6 +479,24 @@ def _check_degrees(ulysses_degree: Any, cfg_parallel: Any, world_size: int) -> i
     return cfg_degree
 
 
+def parallelize_transformer(transformer: torch.nn.Module, ulysses_degree: int = 1, cfg_parallel: bool = False):
+    """Spread a `Mask2DiTTransformer3DModel` over all processes: ``ulysses_degree`` processes share each sequence
+    (diffusers' ``enable_parallelism`` with ``ContextParallelConfig(ulysses_degree=...)``), and with
+    ``cfg_parallel`` the guidance batch is split over two such groups. Returns the ``("cfg", "ring", "ulysses")``
+    device mesh. `enable_parallel_inference` does this for a pipeline."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("torch.distributed is not started: launch with `torchrun` and call `init_parallel()` first.")
+    cfg_degree = _check_degrees(ulysses_degree, cfg_parallel, dist.get_world_size())
+    if getattr(transformer, "_cp_plan", None) is not SCENE_CP_PLAN:
+        raise ValueError(f"The transformer must be a Mask2DiTTransformer3DModel, got {type(transformer).__name__}.")
+    mesh = parallel_mesh(ulysses_degree, cfg_degree, transformer.device.type)
+    if ulysses_degree > 1:
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses_degree, mesh=mesh))
+    if cfg_degree > 1:
+        apply_cfg_parallel(transformer, mesh["cfg"].get_group())
+    return mesh
+
+
 def enable_parallel_inference(pipe: Any, ulysses_degree: int = 1, cfg_parallel: bool = False):
     """Spread a pipeline's transformer over the processes of a ``torchrun`` launch, keeping the scene mask.
 
@@ -498,17 +516,7 @@ def enable_parallel_inference(pipe: Any, ulysses_degree: int = 1, cfg_parallel: 
     Returns:
         The ``("cfg", "ring", "ulysses")`` device mesh.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("torch.distributed is not started: launch with `torchrun` and call `init_parallel()` first.")
-    cfg_degree = _check_degrees(ulysses_degree, cfg_parallel, dist.get_world_size())
-    transformer = pipe.transformer
-    if not hasattr(transformer, "_cp_plan") or transformer._cp_plan is not SCENE_CP_PLAN:
-        raise ValueError(f"`pipe.transformer` must be a Mask2DiTTransformer3DModel, got {type(transformer).__name__}.")
-    mesh = parallel_mesh(ulysses_degree, cfg_degree, transformer.device.type)
-    if ulysses_degree > 1:
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses_degree, mesh=mesh))
-    if cfg_degree > 1:
-        apply_cfg_parallel(transformer, mesh["cfg"].get_group())
+    mesh = parallelize_transformer(getattr(pipe, "transformer", None), ulysses_degree, cfg_parallel)
     if not is_main_process():
         pipe.set_progress_bar_config(**{**getattr(pipe, "_progress_bar_config", {}), "disable": True})
     return mesh
