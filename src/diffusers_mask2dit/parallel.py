@@ -129,7 +129,7 @@ def all_gather(x: torch.Tensor, dim: int, group: Any, what: str) -> torch.Tensor
 def check_same_inputs(tensor: torch.Tensor, group: Any, name: str) -> None:
     """Every rank of ``group`` must hold the same ``tensor`` (say the initial latents): parallel ranks that
     start from different noise would each compute a slice of a different video. One all-reduce of two numbers."""
-    fingerprint = tensor.detach().double().sum().reshape(1)
+    fingerprint = tensor.detach().sum(dtype=torch.float64).reshape(1)
     both = torch.cat([fingerprint, -fingerprint])
     both = _collective(f"check that `{name}` agree", group, lambda: _all_reduce_max(both, group))
     if both[0] != -both[1]:
@@ -253,6 +253,16 @@ class SequenceShard:
                 "`_cp_plan` (enable it with `transformer.enable_parallelism(config=ContextParallelConfig(...))`)."
             )
 
+    def _real_tokens(self, rank: int) -> List[Tuple[int, int, int]]:
+        """``(position in the rank's slice, position in the real sequence, count)`` of each run of real (not
+        padding) tokens that ``rank`` holds: one run of text, one of video (either may be empty)."""
+        text_start, video_start = rank * self.local_text, rank * self.local_video
+        runs = [
+            (0, text_start, min(self.local_text, self.layout.text_total - text_start)),
+            (self.local_text, self.layout.text_total + video_start, min(self.local_video, self.layout.video_total - video_start)),
+        ]
+        return [run for run in runs if run[2] > 0]
+
     def gather_sequence(self, query, key, value) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(B, H, Tl + Vl, D)`` each (local tokens, all heads) -> ``(B, h, L, D)`` each: every real token of
         ``layout`` in order, for this rank's ``h`` heads. One all-to-all for the three."""
@@ -260,34 +270,33 @@ class SequenceShard:
         splits = split_heads(heads, self.degree)
         mine = splits[self.rank]
         even = len(set(splits)) == 1
-        qkv = torch.stack([query, key, value]).permute(2, 0, 1, 3, 4)  # (H, 3, B, Tl + Vl, D): heads to send first
+        # (H, 3, B, Tl + Vl, D): the heads to send first, in one copy.
+        qkv = torch.stack([x.transpose(0, 1) for x in (query, key, value)], dim=1)
         received = all_to_all(
             qkv, None if even else [mine] * self.degree, None if even else splits, self.group,
             "Ulysses all-to-all before scene attention",
-        )
-        # From each source rank (this rank's heads, that rank's tokens) -> (3, B, h, source, Tl + Vl, D)
-        received = received.view(self.degree, mine, 3, batch, tokens, dim).permute(2, 3, 1, 0, 4, 5)
-        text = received[..., : self.local_text, :].reshape(3, batch, mine, self.text_padded, dim)
-        video = received[..., self.local_text :, :].reshape(3, batch, mine, self.video_padded, dim)
-        joint = torch.cat([text[..., : self.layout.text_total, :], video[..., : self.layout.video_total, :]], dim=3)
+        ).view(self.degree, mine, 3, batch, tokens, dim)  # from each source rank: its tokens, this rank's heads
+        joint = query.new_empty(3, batch, mine, self.layout.total, dim)
+        for source in range(self.degree):
+            piece = received[source].permute(1, 2, 0, 3, 4)  # (3, B, h, Tl + Vl, D)
+            for local, start, count in self._real_tokens(source):
+                joint[:, :, :, start : start + count] = piece[:, :, :, local : local + count]
         return joint.unbind(0)
 
     def scatter_sequence(self, hidden_states: torch.Tensor, num_heads: int) -> torch.Tensor:
         """Inverse of :meth:`gather_sequence`: ``(B, h, L, D)`` -> ``(B, num_heads, Tl + Vl, D)`` (padding rows
         are zeros)."""
         batch, mine, _, dim = hidden_states.shape
-        text_total = self.layout.text_total
-        text = _pad_tokens(hidden_states[:, :, :text_total], self.text_padded, dim=2)
-        video = _pad_tokens(hidden_states[:, :, text_total:], self.video_padded, dim=2)
-        text = text.view(batch, mine, self.degree, self.local_text, dim)
-        video = video.view(batch, mine, self.degree, self.local_video, dim)
-        local = torch.cat([text, video], dim=3).permute(2, 1, 0, 3, 4)  # (destination, h, B, Tl + Vl, D)
-        local = local.reshape(self.degree * mine, batch, self.local_text + self.local_video, dim)
+        tokens = self.local_text + self.local_video
+        send = hidden_states.new_zeros(self.degree, mine, batch, tokens, dim)  # to each rank: its tokens, my heads
+        for destination in range(self.degree):
+            for local, start, count in self._real_tokens(destination):
+                send[destination, :, :, local : local + count] = hidden_states[:, :, start : start + count].transpose(0, 1)
         splits = split_heads(num_heads, self.degree)
         even = len(set(splits)) == 1
         received = all_to_all(
-            local, None if even else splits, None if even else [mine] * self.degree, self.group,
-            "Ulysses all-to-all after scene attention",
+            send.view(self.degree * mine, batch, tokens, dim), None if even else splits,
+            None if even else [mine] * self.degree, self.group, "Ulysses all-to-all after scene attention",
         )
         return received.permute(1, 0, 2, 3)  # (B, H, Tl + Vl, D)
 

@@ -648,6 +648,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
     ) -> torch.Tensor:
         """`forward` after the LoRA scale is applied: ``(B, F, C, h, w)`` in and out."""
         batch_size, num_frames, _, height, width = hidden_states.shape
+        latents = hidden_states
         p, p_t = self.config.patch_size, self.config.patch_size_t
         if height % p or width % p:
             raise ValueError(
@@ -679,7 +680,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         # 3. Transformer blocks, called as modules; the scene information rides in their arguments
         if shard is not None:
             # Padded to whole slices; the `_cp_plan` hooks split the sequence at the first block.
-            check_same_inputs(hidden_states, shard.group, "hidden_states")
+            check_same_inputs(latents, shard.group, "hidden_states")
             encoder_hidden_states, hidden_states, image_rotary_emb = shard.pad(
                 encoder_hidden_states, hidden_states, image_rotary_emb
             )
