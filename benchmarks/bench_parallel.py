@@ -300,11 +300,12 @@ def main(argv: Sequence[str] = None) -> Dict[str, Any]:
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.warmup = 1 if args.warmup is None else args.warmup
     common.setup(args)
+    machine = common.machine_info(torch.device("cpu"))  # before the run: its load average is the one at the start
     if args.estimate:
-        payload = {"kind": "estimate", **estimate(args), "machine": common.machine_info(torch.device("cpu"))}
+        payload = {"kind": "estimate", **estimate(args), "machine": machine}
         common.save_json(payload, "parallel", args, "estimate")
         return payload
-    payload = {"kind": "measured", **measure(args), "machine": common.machine_info(torch.device("cpu"))}
+    payload = {"kind": "measured", **measure(args), "machine": machine}
     common.save_json(payload, "parallel", args)
     return payload
 
