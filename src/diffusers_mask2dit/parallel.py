@@ -44,20 +44,25 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models._modeling_parallel import (
-    ContextParallelConfig,
-    ContextParallelInput,
-    ContextParallelOutput,
-    ParallelConfig,
-)
 
 from .layout import SceneLayout
+
+try:  # diffusers' parallel API (0.42 tested); older diffusers: single-process inference only
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.models._modeling_parallel import (
+        ContextParallelConfig,
+        ContextParallelInput,
+        ContextParallelOutput,
+        ParallelConfig,
+    )
+except ImportError:  # pragma: no cover - depends on the installed diffusers
+    HookRegistry = ContextParallelConfig = ContextParallelInput = ContextParallelOutput = ParallelConfig = None
+    ModelHook = object
 
 # How diffusers' context-parallel hooks split and gather the transformer's sequence (its `_cp_plan`). The
 # transformer pads text and video to multiples of the degree before the first block and cuts the padding
 # off after the gather (`SequenceShard`), so diffusers' equal split applies.
-SCENE_CP_PLAN = {
+SCENE_CP_PLAN = None if ContextParallelInput is None else {
     # The token states enter the first block whole and leave every block as the rank's slice.
     "transformer_blocks.0": {
         "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
@@ -493,6 +498,8 @@ def parallelize_transformer(transformer: torch.nn.Module, ulysses_degree: int = 
     (diffusers' ``enable_parallelism`` with ``ContextParallelConfig(ulysses_degree=...)``), and with
     ``cfg_parallel`` the guidance batch is split over two such groups. Returns the ``("cfg", "ring", "ulysses")``
     device mesh. `enable_parallel_inference` does this for a pipeline."""
+    if ContextParallelConfig is None:
+        raise ValueError("Parallel inference needs diffusers' parallel API (ContextParallelConfig): upgrade diffusers.")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("torch.distributed is not started: launch with `torchrun` and call `init_parallel()` first.")
     cfg_degree = _check_degrees(ulysses_degree, cfg_parallel, dist.get_world_size())

@@ -672,7 +672,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         patches_per_frame = (height // p) * (width // p)
         layout = SceneLayout(text_lengths, [f // (p_t or 1) * patches_per_frame for f in padded_frames])
         # Under Ulysses context parallelism: this rank's slice of the sequence (None otherwise).
-        shard = sequence_shard(self._parallel_config, layout)
+        shard = sequence_shard(getattr(self, "_parallel_config", None), layout)
         self._check_scene_inputs(layout, image_rotary_emb, parallel=shard is not None)
         hidden_states = self.embedding_dropout(hidden_states)
         encoder_hidden_states = self.embedding_dropout(encoder_hidden_states)
