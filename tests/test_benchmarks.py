@@ -322,3 +322,29 @@ def test_attention_memory_estimate_equals_real_cpu_runs(tmp_path):
     assert estimated["dense_mask (mask only)"]["forward"] == layout.total**2
     payload = bench.main(["--estimate-memory", "--quick", "--output", str(tmp_path / "estimate.json")])
     assert {r["batch"] for r in payload["results"]} == {1, 2}
+
+
+def test_bench_parallel_quick_counts_the_bytes_it_computes(tmp_path):
+    # 1 and 2 gloo processes; the script itself refuses an output that differs from one process's.
+    _, saved = _run("bench_parallel", tmp_path)
+    single, two = saved["layouts"]
+    assert (single["processes"], two["processes"]) == (1, 2)
+    assert two["bytes_per_layer_counted"] == two["bytes_per_layer_computed"] > 0
+    assert two["max_abs_error"] <= 1e-5 and two["speedup"] > 0
+
+
+def test_bench_parallel_bytes_and_estimate():
+    bench = _load("bench_parallel")
+    # Even heads: q, k, v out and the output back, each (d - 1)/d of the rank's tokens x all heads.
+    even = bench.ulysses_bytes_per_layer(2, 40, 160, heads=8, head_dim=4, degree=4, element_size=2)
+    assert even["total"] == 4 * 2 * (200 // 4) * 8 * 4 * 3 // 4 * 2
+    # Uneven heads (30 over 4: 8, 8, 7, 7) and padding (201 -> 204 tokens): the busiest rank.
+    uneven = bench.ulysses_bytes_per_layer(1, 1, 200, heads=30, head_dim=1, degree=4, element_size=1)
+    assert uneven["total"] == max(3 * (30 - m) * 51 + m * 3 * 51 for m in (8, 8, 7, 7))
+    args = bench.common.base_parser("").parse_args([])
+    args.tflops, args.bandwidth = 400.0, 300.0
+    estimates = {(e["scenes"], e["ulysses"], e["cfg"]): e for e in bench.estimate(args)["estimates"]}
+    for scenes in (3, 6):
+        assert estimates[(scenes, 1, 1)]["speedup"] == 1.0
+        for layout in ((8, 1), (4, 2)):
+            assert 7.0 < estimates[(scenes, *layout)]["speedup"] < 8.0

@@ -22,11 +22,7 @@ from diffusers_mask2dit.hub import cards
 from diffusers_mask2dit.hub.build import BuildError, build_hub_folder, detect_kind
 from diffusers_mask2dit.hub.testing import save_fake_official_layout, save_tiny_lora
 from diffusers_mask2dit.tiny import save_tiny_cogvideox
-
-# The package modules the one-file Hub pipeline bundles, in dependency order.
-BUNDLED_MODULES = [
-    "layout", "attention", "pipeline_inputs", "transformer", "generation_plan", "release_loading", "pipeline"
-]
+from test_hub_bundle import BUNDLED_MODULES  # the package modules the one-file Hub pipeline bundles, in order
 
 PROMPTS = ["A cat walks slowly along the beach at sunset.", "The cat sleeps on a wooden fence."]
 CALL = dict(num_frames=9, height=64, width=64, num_inference_steps=2, guidance_scale=6.0, output_type="np")

@@ -4,6 +4,7 @@
     mask2dit generate --prompt "scene 1" --prompt "scene 2" --prompt "scene 3" --out out/
     mask2dit extend --from out/ --prompt "scene 4" --out out_4/
     mask2dit generate --model THUDM/CogVideoX-5b --lora my-lora/ --scheduler CogVideoXDPMScheduler --prompts-file p.txt --out o/
+    torchrun --nproc-per-node 8 -m diffusers_mask2dit.cli generate --ulysses-degree 4 --cfg-parallel --prompts-file p.txt --out o/
 
 Every command writes to its output folder: ``scene_00.mp4``, ``scene_01.mp4``, ..., ``video.mp4`` (the scene files
 joined without re-encoding), ``contact_sheet.png`` (one row per scene, labelled with its prompt; scenes made by
@@ -27,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .cli import DEVICE_CHOICES, check_device, fail, one_line
+from .parallel import DEFAULT_COLLECTIVE_TIMEOUT, is_main_process, launched_by_torchrun
 from .video_io import contact_sheet, join_videos, read_video, write_atomically, write_video
 
 DEFAULT_MODEL = "qth/Mask2DiT"
@@ -281,6 +283,35 @@ def check_options(args: argparse.Namespace) -> None:
         transformer_folder(args.transformer)
     if args.lora is not None:
         lora_source(args.lora)
+    check_parallel_options(args)
+
+
+def wants_parallel(args: argparse.Namespace) -> bool:
+    return getattr(args, "ulysses_degree", 1) > 1 or getattr(args, "cfg_parallel", False)
+
+
+def check_parallel_options(args: argparse.Namespace) -> None:
+    """``--ulysses-degree``, ``--cfg-parallel`` and ``--collective-timeout``: one process per device, from torchrun."""
+    _check_int(args, "ulysses_degree", 1, "a whole number >= 1 (processes that share one video's sequence)")
+    _check_int(args, "collective_timeout", 1, "a whole number of seconds >= 1")
+    if not wants_parallel(args):
+        return
+    if not launched_by_torchrun():
+        raise ValueError(
+            "`--ulysses-degree`/`--cfg-parallel` need one process per GPU: launch with `torchrun --nproc-per-node N "
+            "-m diffusers_mask2dit.cli generate ...` (N = ulysses degree x 2 with --cfg-parallel)."
+        )
+    processes = int(os.environ["WORLD_SIZE"])
+    cfg_degree = 2 if args.cfg_parallel else 1
+    if args.ulysses_degree * cfg_degree != processes:
+        raise ValueError(
+            f"`--ulysses-degree` ({args.ulysses_degree}) x {cfg_degree} (`--cfg-parallel`) must equal the number of "
+            f"processes torchrun started ({processes})."
+        )
+    if args.cfg_parallel and args.guidance <= 1:
+        raise ValueError(f"`--cfg-parallel` needs classifier-free guidance (`--guidance` > 1); got {args.guidance}.")
+    if args.cpu_offload:
+        raise ValueError("`--cpu-offload` cannot be combined with `--ulysses-degree`/`--cfg-parallel`.")
 
 
 def _valid_frame_counts(pipe) -> str:
@@ -416,8 +447,15 @@ def apply_lora(pipe, path: str, scale: Optional[float]) -> None:
 
 
 def finish_pipeline(pipe, args: argparse.Namespace, device: str, dtype, description: str):
-    """What the options add to a loaded pipeline: scheduler, LoRA, dtype, device, memory options, progress bar."""
+    """What the options add to a loaded pipeline: scheduler, LoRA, dtype, device, memory options, progress bar,
+    parallel inference (one process per GPU: this process's device, progress bars on rank 0 only)."""
     import diffusers
+    import torch
+
+    from .parallel import enable_parallel_inference, init_parallel
+
+    if wants_parallel(args):
+        device = init_parallel(torch.device(device).type, args.collective_timeout)
 
     _check_transformer_fits(pipe, "--transformer" if args.transformer else "--model")
     if args.scheduler is not None:
@@ -433,6 +471,8 @@ def finish_pipeline(pipe, args: argparse.Namespace, device: str, dtype, descript
     if getattr(args, "vae_tiling", False):
         pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(desc=description)
+    if wants_parallel(args):
+        enable_parallel_inference(pipe, args.ulysses_degree, args.cfg_parallel)
     return pipe
 
 
@@ -592,6 +632,8 @@ def run_generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args, _progress_label(1, min(len(prompts), args.scenes_per_window), len(prompts)))
         check_model_options(pipe, args)
         scenes, latents = generate_scenes(pipe, prompts, args)
+        if not is_main_process():  # parallel inference: every process holds the video; the first writes it
+            return 0
         save_outputs(args.out, scenes, prompts, args.fps, latents=latents)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("generate", error)
@@ -611,6 +653,8 @@ def run_extend(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args, _progress_label(len(folder.scenes) + 1, total, total, extension=True))
         check_model_options(pipe, args)
         new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args)
+        if not is_main_process():  # parallel inference: every process holds the video; the first writes it
+            return 0
         copied = dict(enumerate(folder.scene_paths))  # earlier scenes: their files, unchanged
         save_outputs(args.out, folder.scenes + new_scenes, folder.prompts + new_prompts, args.fps, latents, copied)
     except (ValueError, OSError) as error:  # bad input, missing files or model
@@ -620,8 +664,9 @@ def run_extend(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    print("mask2dit demo: tiny RANDOM-weight model built offline. The videos are noise: this shows the machinery "
-          "(multi-scene generation + scene extension), not quality. Use `mask2dit generate` with real weights.")
+    if is_main_process():
+        print("mask2dit demo: tiny RANDOM-weight model built offline. The videos are noise: this shows the machinery "
+              "(multi-scene generation + scene extension), not quality. Use `mask2dit generate` with real weights.")
     try:
         check_options(args)
         prompts = read_prompts(args.prompt, args.prompts_file, required=False) or list(DEMO_PROMPTS)
@@ -630,6 +675,8 @@ def run_demo(args: argparse.Namespace) -> int:
         check_model_options(pipe, args)
         # The first `--scenes-per-window` scenes come from one pass, the rest from scene extension.
         scenes, latents = generate_scenes(pipe, prompts, args, default_steps=4)
+        if not is_main_process():  # parallel inference: every process holds the video; the first writes it
+            return 0
         save_outputs(args.out, scenes, prompts, args.fps, latents=latents)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("demo", error)
@@ -667,6 +714,19 @@ def _add_model_options(parser: argparse.ArgumentParser, model: bool) -> None:
     )
     parser.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (less GPU memory)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
+    parser.add_argument(
+        "--ulysses-degree", type=int, default=1,
+        help="under torchrun: processes (GPUs) that share each video's sequence, Ulysses context parallelism (default: 1)",
+    )
+    parser.add_argument(
+        "--cfg-parallel", action="store_true",
+        help="under torchrun: run the guidance passes (unconditional, conditional) on two groups of processes",
+    )
+    parser.add_argument(
+        "--collective-timeout", type=int, default=DEFAULT_COLLECTIVE_TIMEOUT,
+        help=f"under torchrun: seconds a process waits for the others before the run stops with an error "
+        f"(default: {DEFAULT_COLLECTIVE_TIMEOUT})",
+    )
 
 
 def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
@@ -689,6 +749,22 @@ def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     _add_model_options(parser, model)
 
 
+def _ends_parallel(run):
+    """``run``, then the end of torch.distributed when the parallel options started it."""
+
+    def command(args: argparse.Namespace) -> int:
+        from .parallel import end_parallel
+
+        try:
+            return run(args)
+        finally:
+            if wants_parallel(args):
+                end_parallel()
+
+    command.__name__ = run.__name__
+    return command
+
+
 def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     """Add ``generate``, ``extend`` and ``demo`` to the ``mask2dit`` dispatcher."""
     generate = subparsers.add_parser(
@@ -700,7 +776,7 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     )
     _add_common(generate)
     generate.add_argument("--scenes-per-window", type=int, default=3, help="scenes the model sees at once, >= 2 (default: 3)")
-    generate.set_defaults(func=run_generate)
+    generate.set_defaults(func=_ends_parallel(run_generate))
 
     extend = subparsers.add_parser(
         "extend",
@@ -716,7 +792,7 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
         "--context-scenes", type=int, default=None, help="last scenes used as context, >= 1 (default: 2, or 1 if --from has one)"
     )
     _add_common(extend)
-    extend.set_defaults(func=run_extend)
+    extend.set_defaults(func=_ends_parallel(run_extend))
 
     demo = subparsers.add_parser(
         "demo",
@@ -727,4 +803,4 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     _add_common(demo, model=False)
     demo.add_argument("--style", default="5b", choices=("5b", "2b", "1.5"), help="tiny model style (default: 5b)")
     demo.add_argument("--scenes-per-window", type=int, default=3, help="scenes generated at once, >= 2 (default: 3)")
-    demo.set_defaults(func=run_demo)
+    demo.set_defaults(func=_ends_parallel(run_demo))

@@ -38,6 +38,7 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 
 from .attention import SceneAttentionOptions, run_scene_attention
 from .layout import DEFAULT_MASK_VARIANT, SceneLayout, check_mask_variant
+from .parallel import SCENE_CP_PLAN, SequenceShard, check_same_inputs, resolve_parallel_config, sequence_shard
 
 # --------------------------------------------------------------------------------------------------
 # Attention processors
@@ -51,6 +52,8 @@ class Mask2DiTAttnProcessor:
     `Attention` hands on to its processor:
         scene_layout: the `SceneLayout` of the sequence; None means one scene (plain CogVideoX attention).
         scene_options: `SceneAttentionOptions` (mask variant, backend), already validated; None: defaults.
+        scene_shard: under Ulysses context parallelism, this rank's `SequenceShard`: the inputs are its slice of
+            the sequence, and an all-to-all over heads gathers the whole sequence around scene attention.
 
     ``hidden_states (B, Lv, C)`` and ``encoder_hidden_states (B, Lt, C)`` in; the same shapes out.
     """
@@ -68,6 +71,7 @@ class Mask2DiTAttnProcessor:
         image_rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         scene_layout: Optional[SceneLayout] = None,
         scene_options: Optional[SceneAttentionOptions] = None,
+        scene_shard: Optional[SequenceShard] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
             raise ValueError(f"`attention_mask` is not supported by {type(self).__name__}: the scene layout defines the mask.")
@@ -95,7 +99,13 @@ class Mask2DiTAttnProcessor:
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
 
         options = scene_options if scene_options is not None else _DEFAULT_OPTIONS
-        hidden_states = run_scene_attention(query, key, value, scene_layout, options)
+        if scene_shard is None:
+            hidden_states = run_scene_attention(query, key, value, scene_layout, options)
+        else:
+            scene_shard.check_local_tokens(text_seq_length, sequence_length - text_seq_length)
+            query, key, value = scene_shard.gather_sequence(query, key, value)
+            hidden_states = run_scene_attention(query, key, value, scene_layout, options)
+            hidden_states = scene_shard.scatter_sequence(hidden_states, attn.heads)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -131,7 +141,8 @@ class PerSceneEmbedding:
 
     Attributes:
         emb: ``(B, n, D)``: one embedding per sample and scene.
-        layout: text and video tokens per scene.
+        layout: text and video tokens per scene (under context parallelism, of this rank's slice of the
+            sequence: a `parallel.ShardSegments`).
     """
 
     emb: torch.Tensor
@@ -322,7 +333,13 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
 
     Same weights and state-dict keys as `CogVideoXTransformer3DModel`; two config keys are added:
     ``attn_mask_variant`` (default "v2") and ``attn_msk_version`` (the authors' key, mapped onto the former).
+
+    Multi-GPU inference with diffusers' parallel API keeps the scene mask: ``enable_parallelism(
+    config=ContextParallelConfig(ulysses_degree=d))`` splits the sequence by ``_cp_plan`` (see `parallel`).
     """
+
+    # How diffusers' context-parallel hooks split and gather the sequence (`parallel.SCENE_CP_PLAN`).
+    _cp_plan = SCENE_CP_PLAN
 
     @register_to_config
     def __init__(
@@ -398,6 +415,12 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
             _make_scene_aware(block.norm2, CogVideoXLayerNormZero, SceneLayerNormZero, f"transformer_blocks.{index}.norm2")
         _make_scene_aware(self.norm_out, AdaLayerNorm, SceneAdaLayerNorm, "norm_out")
         self.set_attn_processor(Mask2DiTAttnProcessor())
+
+    def _resolve_parallel_config(self, config):
+        """diffusers' step of `enable_parallelism` that builds the mesh: refuses what scene attention cannot run
+        (ring attention, a degree above the head count) and also works without an accelerator (gloo on CPU),
+        where diffusers' own divides by the accelerator count (`parallel.resolve_parallel_config`)."""
+        return resolve_parallel_config(self, config, super()._resolve_parallel_config)
 
     def fuse_qkv_projections(self) -> None:
         """Fuse each attention's query, key and value projections into one (diffusers' method), keeping the
@@ -480,20 +503,27 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
             )
         return scene_frames, text_lengths
 
-    def _check_scene_inputs(self, layout: SceneLayout, image_rotary_emb) -> None:
-        """The RoPE must cover every video token, and with several scenes every attention processor must
-        apply the scene mask: a stock processor would drop the scene arguments with only a log line."""
+    def _check_scene_inputs(self, layout: SceneLayout, image_rotary_emb, parallel: bool = False) -> None:
+        """The RoPE must cover every video token, and with several scenes (or any number under context
+        parallelism) every attention processor must apply the scene mask: a stock processor would drop the scene
+        arguments with only a log line."""
         if image_rotary_emb is not None and image_rotary_emb[0].shape[0] != layout.video_total:
             raise ValueError(
                 f"`image_rotary_emb` covers {image_rotary_emb[0].shape[0]} video tokens but the scenes have "
                 f"{layout.video_total}; build it with `transformer.prepare_rotary_emb(height, width, scene_frames, "
                 "device)`."
             )
-        if layout.num_scenes == 1:
+        if layout.num_scenes == 1 and not parallel:
             return
         for index, block in enumerate(self.transformer_blocks):
             processor = block.attn1.processor
             if not isinstance(processor, Mask2DiTAttnProcessor):
+                if parallel:
+                    raise ValueError(
+                        f"`transformer_blocks.{index}.attn1` has a {type(processor).__name__}, which cannot run under "
+                        "context parallelism: it would attend within each rank's slice of the sequence only. Set "
+                        "`Mask2DiTAttnProcessor()` (or `FusedMask2DiTAttnProcessor()`)."
+                    )
                 raise ValueError(
                     f"`transformer_blocks.{index}.attn1` has a {type(processor).__name__}, which cannot apply the "
                     f"Mask²DiT scene mask: with {layout.num_scenes} scenes its attention would silently be unmasked. "
@@ -618,6 +648,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
     ) -> torch.Tensor:
         """`forward` after the LoRA scale is applied: ``(B, F, C, h, w)`` in and out."""
         batch_size, num_frames, _, height, width = hidden_states.shape
+        latents = hidden_states
         p, p_t = self.config.patch_size, self.config.patch_size_t
         if height % p or width % p:
             raise ValueError(
@@ -640,15 +671,25 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         encoder_hidden_states, hidden_states = self._embed(encoder_hidden_states, hidden_states)
         patches_per_frame = (height // p) * (width // p)
         layout = SceneLayout(text_lengths, [f // (p_t or 1) * patches_per_frame for f in padded_frames])
-        self._check_scene_inputs(layout, image_rotary_emb)
+        # Under Ulysses context parallelism: this rank's slice of the sequence (None otherwise).
+        shard = sequence_shard(getattr(self, "_parallel_config", None), layout)
+        self._check_scene_inputs(layout, image_rotary_emb, parallel=shard is not None)
         hidden_states = self.embedding_dropout(hidden_states)
         encoder_hidden_states = self.embedding_dropout(encoder_hidden_states)
 
         # 3. Transformer blocks, called as modules; the scene information rides in their arguments
+        if shard is not None:
+            # Padded to whole slices; the `_cp_plan` hooks split the sequence at the first block.
+            check_same_inputs(latents, shard.group, "hidden_states")
+            encoder_hidden_states, hidden_states, image_rotary_emb = shard.pad(
+                encoder_hidden_states, hidden_states, image_rotary_emb
+            )
         if emb.dim() == 3:
-            emb = PerSceneEmbedding(emb, layout)
-        if layout.num_scenes > 1:
+            emb = PerSceneEmbedding(emb, layout if shard is None else shard.segments)
+        if layout.num_scenes > 1 or shard is not None:
             attention_kwargs = {**attention_kwargs, "scene_layout": layout, "scene_options": options}
+            if shard is not None:
+                attention_kwargs["scene_shard"] = shard
         hidden_states, encoder_hidden_states = self._run_blocks(
             hidden_states, encoder_hidden_states, emb, image_rotary_emb, attention_kwargs
         )
@@ -657,6 +698,8 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         hidden_states = self.norm_final(hidden_states)
         hidden_states = self.norm_out(hidden_states, temb=emb)
         hidden_states = self.proj_out(hidden_states)
+        if shard is not None:  # gathered from all ranks by the `_cp_plan` hook on proj_out
+            hidden_states = shard.unpad_video(hidden_states)
 
         # 5. Unpatchify, then drop the frames added to fill temporal patches
         output = self._unpatchify(hidden_states, batch_size, sum(padded_frames), height, width)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..parallel import CollectiveTimeoutError  # one error for the trainer and parallel inference
 from .checkpoints import (  # noqa: F401  (list_checkpoints: imported from here by users)
     TrainingProgress,
     check_writable,
@@ -76,10 +77,6 @@ class TrainingResult:
 class NonFiniteLossError(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or infinite; the run stopped before the bad
     update was applied (loss, gradient norm) or saved (weights)."""
-
-
-class CollectiveTimeoutError(RuntimeError):
-    """A process waited longer than ``collective_timeout`` for the others (one hung or died)."""
 
 
 @dataclass
