@@ -214,6 +214,12 @@ CASES = [
     pytest.param(["train", "--no-such-option", "1"], "--no-such-option", id="train-unknown-option"),
     pytest.param(["hub", "build", "--out", "{out}"], "--model", id="hub-build-model-missing"),
     pytest.param(["hub", "push", "--no-such-option"], "--folder, --repo", id="hub-push-arguments-missing"),
+    # hub and conversion: values the commands cannot take
+    pytest.param(["hub", "build", "--model", "{root}/no_model", "--out", "{out}"], "no_model", id="hub-build-model-folder-missing"),
+    pytest.param(["hub", "build", "--model", "{model}", "--out", "{out}", "--repo-id", "not a repo"], "not a repo", id="hub-build-repo-id"),
+    pytest.param(["hub", "push", "--folder", "{root}/no_folder", "--repo", "me/m"], "no_folder", id="hub-push-folder-missing"),
+    pytest.param(["hub", "push", "--folder", "{model}", "--repo", "bad repo"], "bad repo", id="hub-push-repo-id"),
+    pytest.param(["convert-official", "--src", "{root}/no_release", "--out", "{out}"], "no_release", id="convert-src-missing"),
 ]
 
 

@@ -229,7 +229,7 @@ def test_build_errors_and_overwrite(plain, tmp_path, capsys):
         build_hub_folder(plain, tmp_path / "b", base_model="THUDM/CogVideoX-5b", mask_variant="v1")
 
     # The CLI reports errors on stderr with a non-zero status, and the summary on success.
-    assert main(["hub", "build", "--model", str(lora), "--out", str(tmp_path / "c")]) == 1
+    assert main(["hub", "build", "--model", str(lora), "--out", str(tmp_path / "c")]) == 2
     assert "--base-model" in capsys.readouterr().err
     assert main(["hub", "build", "--model", str(lora), "--out", str(tmp_path / "c"), "--base-model",
                  "THUDM/CogVideoX-5b", "--repo-id", "me/lora", "--mask-variant", "v2"]) == 0
@@ -275,7 +275,7 @@ def test_build_validates_repo_id_as_push_does(plain, tmp_path, repo_id, capsys):
     assert not (tmp_path / "hub").exists()
     with pytest.raises(PushError, match="--repo must be a Hub id"):
         plan_push(plain, repo_id)
-    assert main(["hub", "build", "--model", str(plain), "--out", str(tmp_path / "hub"), "--repo-id", repo_id]) == 1
+    assert main(["hub", "build", "--model", str(plain), "--out", str(tmp_path / "hub"), "--repo-id", repo_id]) == 2
     assert "--repo-id must be a Hub id" in capsys.readouterr().err
 
 

@@ -6,6 +6,13 @@ import argparse
 import sys
 
 
+def _refuse(command: str, error: Exception) -> int:
+    """Bad input (a folder, file or option the command cannot take): one line on stderr, exit code 2, as for every
+    sub-command. Failures of a valid request (an upload that fails) exit with 1 instead."""
+    print(f"mask2dit {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
 def _build(args: argparse.Namespace) -> int:
     from .build import BuildError, build_hub_folder
 
@@ -29,8 +36,7 @@ def _build(args: argparse.Namespace) -> int:
             verify=args.verify,
         )
     except (BuildError, ValueError) as error:
-        print(f"mask2dit hub build: error: {error}", file=sys.stderr)
-        return 1
+        return _refuse("hub build", error)
     print(result.summary())
     return 0
 
@@ -42,8 +48,7 @@ def _push(args: argparse.Namespace) -> int:
         plan = plan_push(args.folder, args.repo, revision=args.revision, private=args.private,
                          commit_message=args.commit_message)
     except PushError as error:
-        print(f"mask2dit hub push: error: {error}", file=sys.stderr)
-        return 1
+        return _refuse("hub push", error)
     print(plan.describe())
     if args.dry_run:
         print("Dry run: nothing was uploaded.")
@@ -80,8 +85,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         report = convert_official(args.src, args.out, verify=args.verify, overwrite=args.overwrite, link=args.link)
     except ConversionError as error:
-        print(f"mask2dit convert-official: error: {error}", file=sys.stderr)
-        return 1
+        return _refuse("convert-official", error)
     print(report.summary())
     print(f"Report: {report.output}/mask2dit_conversion.json")
     return 0
