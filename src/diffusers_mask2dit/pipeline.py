@@ -380,7 +380,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         negative_prompts: Optional[List[List[str]]],
         do_classifier_free_guidance: bool,
         num_videos_per_prompt: int = 1,
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[int]]:
@@ -390,10 +390,15 @@ class Mask2DiTPipeline(CogVideoXPipeline):
             prompts: ``[sample][scene]`` strings.
             negative_prompts: same layout; used only with classifier-free guidance.
 
+            max_sequence_length: tokens per prompt; None takes the transformer's ``max_text_seq_length``, the
+                length it was trained with (226 for CogVideoX).
+
         Returns:
             ``prompt_embeds (B * num_videos_per_prompt, n * L, D)``, the negative ones of the same shape
             (None without guidance) and the text length of each scene (``[L] * n``).
         """
+        if max_sequence_length is None:
+            max_sequence_length = int(self.transformer.config.max_text_seq_length)
         self._warn_truncated(prompts, max_sequence_length)
         num_scenes = len(prompts[0])
         positive, negative = [], []
@@ -639,7 +644,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         attention_kwargs: Optional[Dict[str, Any]] = None,
         callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
     ) -> Union[Mask2DiTPipelineOutput, Tuple]:
         """Generate n scenes at once, one prompt per scene.
 
@@ -793,7 +798,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         attention_kwargs: Optional[Dict[str, Any]] = None,
         callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
     ) -> Union[Mask2DiTPipelineOutput, Tuple]:
         """Generate the next scene(s) conditioned on context scenes (paper Sec. 3.3, segment-level conditional mask).
 
@@ -990,7 +995,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         attention_kwargs: Optional[Dict[str, Any]] = None,
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
     ) -> Union[Mask2DiTPipelineOutput, Tuple]:
         """Generate N scenes: the first ``scenes_per_window`` together, then one at a time, each conditioned on
         the previous ``scenes_per_window - 1`` scenes' latents (no decode / re-encode between windows).

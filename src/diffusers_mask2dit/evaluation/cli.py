@@ -3,6 +3,7 @@
     mask2dit evaluate --video out/ --clip path/to/clip                     # out/scene_*.mp4 + out/prompts.txt
     mask2dit evaluate --video one.mp4 --scene-frames 49,49,49 --prompts p.txt --clip path/to/clip
     mask2dit evaluate --batch samples/ --clip path/to/clip                 # one subfolder per sample
+    mask2dit evaluate --video out/ --shapes                                # Shapes-world videos: exact scorer
 
 Prints a table and writes JSON (``--output``; default ``<folder>/metrics.json``, ``<video>_metrics.json`` beside a
 single file, or ``<batch root>/metrics_summary.json``). Exit code: 0 ok, 1 some batch samples failed, 2 bad input.
@@ -102,6 +103,10 @@ def _default_output(args: argparse.Namespace) -> str:
 def _load_encoder(args: argparse.Namespace):
     from .encoders import CLIPVideoEncoder
 
+    if getattr(args, "shapes", False):
+        from ..shapes.score import ShapesEncoder
+
+        return ShapesEncoder()
     return CLIPVideoEncoder.from_pretrained(
         args.clip, device=args.device, frames_per_scene=args.frames_per_scene, batch_size=args.batch_size
     )
@@ -118,7 +123,7 @@ def _run_single(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> 
         )
     encoder = _load_encoder(args)
     result = core.evaluate_scenes(scenes, prompts, encoder, frame_stride=args.frame_stride)
-    result = {"video": args.video, "prompts_file": prompts_path, "clip": args.clip, **result}
+    result = {"video": args.video, "prompts_file": prompts_path, "clip": args.clip or "shapes-scorer", **result}
     output = args.output or _default_output(args)
     write_json(result, output)
     print(f"Mask²DiT evaluation of {args.video} ({result['num_scenes']} scenes, frames {result['scene_frames']})")
@@ -147,7 +152,7 @@ def _run_batch(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> i
         progress=not args.no_progress,
         on_error=report,
     )
-    batch = {"root": args.batch, "clip": args.clip, **batch}
+    batch = {"root": args.batch, "clip": args.clip or "shapes-scorer", **batch}
     output = args.output or _default_output(args)
     write_json(batch, output)
     print(f"Mask²DiT evaluation of {len(batch['samples'])} samples in {args.batch} ({len(batch['failed'])} failed)")
@@ -189,7 +194,11 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentP
     source.add_argument("--batch", help="a folder with one sample subfolder per video; prints mean and 95%% interval")
     parser.add_argument("--prompts", help="text file, one scene prompt per line (default: prompts.txt of the sample)")
     parser.add_argument("--scene-frames", help="frame count per scene, e.g. 49,49,49, to split one mp4 (or video.mp4)")
-    parser.add_argument("--clip", required=True, help="CLIP model folder (save_pretrained) or Hub id")
+    encoder = parser.add_mutually_exclusive_group(required=True)
+    encoder.add_argument("--clip", help="CLIP model folder (save_pretrained) or Hub id")
+    encoder.add_argument(
+        "--shapes", action="store_true", help="videos of the Shapes world: its exact pixel scorer as the encoder"
+    )
     parser.add_argument("--output", help="JSON file to write (default: metrics.json in the folder, <video>_metrics.json beside one mp4, metrics_summary.json in the batch root)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--frames-per-scene", type=int, default=8, help="frames sampled evenly per scene for the video embedding (default: 8)")

@@ -19,32 +19,33 @@ import math
 import os
 import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import world
 
-VAE_WIDTHS = (16, 32, 32, 32)
+VAE_WIDTHS = (8, 16, 16, 16)
 LATENT_CHANNELS = 8
 TRAIN_SEED = 11  # world seeds of training clips: (TRAIN_SEED, step, item)
 HELD_OUT_SEED = 7_000_011  # world seeds of held-out clips: (HELD_OUT_SEED, index); never drawn in training
+INITIAL_LOGVAR = -8.0
 CHECKPOINT_NAME = "vae_training_state.pt"
 
 
-def build_vae(seed: int = 0):
-    """A fresh `AutoencoderKLCogVideoX` for the world's 64x64, 9-frame clips (random weights from ``seed``)."""
+def build_vae(seed: int = 0, widths: Sequence[int] = VAE_WIDTHS):
+    """A fresh `AutoencoderKLCogVideoX` for the world's 48x48, 9-frame clips (random weights from ``seed``)."""
     from diffusers import AutoencoderKLCogVideoX
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKLCogVideoX(
+        vae = AutoencoderKLCogVideoX(
             in_channels=3,
             out_channels=3,
-            down_block_types=("CogVideoXDownBlock3D",) * len(VAE_WIDTHS),
-            up_block_types=("CogVideoXUpBlock3D",) * len(VAE_WIDTHS),
-            block_out_channels=VAE_WIDTHS,
+            down_block_types=("CogVideoXDownBlock3D",) * len(widths),
+            up_block_types=("CogVideoXUpBlock3D",) * len(widths),
+            block_out_channels=tuple(widths),
             latent_channels=LATENT_CHANNELS,
             layers_per_block=1,
             norm_num_groups=8,
@@ -53,6 +54,11 @@ def build_vae(seed: int = 0):
             sample_width=world.WIDTH,
             scaling_factor=1.0,  # replaced by 1 / std of the latents after training
         )
+    # Start with a small posterior std (log-variance -8): with the default 0 the sampled latents are unit noise
+    # and the decoder first has to wait for the encoder to learn to shrink it.
+    with torch.no_grad():
+        vae.encoder.conv_out.conv.bias[LATENT_CHANNELS:] = INITIAL_LOGVAR
+    return vae
 
 
 def clip_batch(seed: int, step: int, batch_size: int) -> torch.Tensor:
@@ -115,6 +121,7 @@ def train_vae(
     learning_rate: float = 1e-3,
     kl_weight: float = 1e-4,
     seed: int = 0,
+    widths: Sequence[int] = VAE_WIDTHS,
     eval_every: int = 250,
     eval_clips: int = 32,
     final_eval_clips: int = 200,
@@ -128,7 +135,7 @@ def train_vae(
     from tqdm.auto import tqdm
 
     os.makedirs(out, exist_ok=True)
-    vae = build_vae(seed)
+    vae = build_vae(seed, widths)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -210,9 +217,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--widths", default=",".join(map(str, VAE_WIDTHS)), help="block_out_channels, comma-separated")
     parser.add_argument("--eval-every", type=int, default=250)
     args = parser.parse_args(argv)
-    report = train_vae(args.out, args.steps, args.batch_size, args.learning_rate, args.kl_weight, args.seed, args.eval_every)
+    widths = [int(w) for w in args.widths.split(",")]
+    report = train_vae(args.out, args.steps, args.batch_size, args.learning_rate, args.kl_weight, args.seed, widths, args.eval_every)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}, indent=1))
     return 0
 
