@@ -46,7 +46,7 @@ class Recipe:
     num_videos: int = 1000  # SFT videos of 3 scenes; their 3000 clips are also the pretraining clips
     num_scenes: int = 3
     data_seed: int = 0
-    vae: Dict[str, Any] = field(default_factory=lambda: dict(steps=3000, batch_size=4, learning_rate=2e-3, kl_weight=1e-4, seed=0))
+    vae: Dict[str, Any] = field(default_factory=lambda: dict(steps=4000, batch_size=4, learning_rate=2e-3, kl_weight=1e-4, seed=0))
     common: Dict[str, Any] = field(default_factory=lambda: dict(
         frames_per_scene=[world.FRAMES], height=world.HEIGHT, width=world.WIDTH, finetune="full", mixed_precision="no",
         gradient_checkpointing=False, cache_dtype="float32", train_batch_size=8, max_grad_norm=1.0, adam_weight_decay=0.0,
@@ -159,10 +159,12 @@ def retrain(
     threads: Optional[int] = None,
     recipe: Optional[Recipe] = None,
     in_process: bool = False,
+    stop_after: Optional[str] = None,
 ) -> Dict[str, float]:
     """Run every step for ``variants`` (the first is also the one ``--install`` ships); returns the timings.
 
-    ``in_process`` runs the ``mask2dit`` commands in this interpreter instead of a subprocess each (tests)."""
+    ``in_process`` runs the ``mask2dit`` commands in this interpreter instead of a subprocess each (tests);
+    ``stop_after`` ("base" or "precompute") ends the run after that step."""
     from .vae import train_vae
 
     recipe = recipe or Recipe()
@@ -173,12 +175,16 @@ def retrain(
     run.step("vae", run.path("vae", "vae", "config.json"), lambda: train_vae(run.path("vae"), **recipe.vae))
     run.step("base", run.path("base", "model_index.json"),
              lambda: shapes_model.save_base_model(run.path("base"), run.path("vae", "vae"), seed=0))
+    if stop_after == "base":
+        return run.timings
     configs = stage_configs(run, recipe, variants[0])
     for stage in ("pretrain", "sft"):
         # Precompute reads the text length from the base transformer: the pretrained one does not exist yet.
         precompute = {key: value for key, value in configs[stage].items() if key != "transformer_path"}
         run.step(f"precompute {stage}", os.path.join(configs[stage]["cache_dir"], "cache_index.json"),
                  lambda precompute=precompute, stage=stage: run.mask2dit("precompute", precompute, f"precompute-{stage}"))
+    if stop_after == "precompute":
+        return run.timings
     run.step("train pretrain", os.path.join(configs["pretrain"]["output_dir"], "transformer"),
              lambda: run.mask2dit("train", configs["pretrain"], "train-pretrain"))
     for variant in variants:
@@ -211,8 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="SFT mask variants to train (default: v2, the shipped model); all four for the ablation")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the training processes")
     parser.add_argument("--install", action="store_true", help="copy model-<first variant> into the package afterwards")
+    parser.add_argument("--stop-after", choices=("base", "precompute"), default=None, help="end the run after this step")
     args = parser.parse_args(argv)
-    timings = retrain(args.out, args.variants, args.threads)
+    timings = retrain(args.out, args.variants, args.threads, stop_after=args.stop_after)
     print(json.dumps(timings, indent=1))
     if args.install:
         print(f"installed {install(os.path.join(os.path.abspath(args.out), f'model-{args.variants[0]}'))}")

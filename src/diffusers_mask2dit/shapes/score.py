@@ -9,10 +9,9 @@ Per scene (frames ``uint8 (F, H, W, 3)``) it reads:
   largest 4-connected blob of each frame is the shape (specks elsewhere are ignored);
 - **shape colour**: the blob pixels' nearest shape colour, one colour for at least 75% of them over the scene,
   with the same margin test on their median colour;
-- **shape**: per frame, the blob's fill of its bounding box and the share of its area in the box's upper half
-  (a circle fills ~0.79 with half of it on top, a square ~1.0 and half, an up-pointing triangle ~0.5 with a
-  quarter on top), nearest to one of the three measured prototypes with a margin, size near 40% of the
-  frame height; at least 7 of 9 frames must agree;
+- **shape**: per frame, how full the corners of the blob's bounding box are, top and bottom (a square fills
+  all four, a circle little of any, an up-pointing triangle only the bottom two), nearest to one of the three
+  measured prototypes with a margin, size near 40% of the frame height; at least 2 of 3 frames must agree;
 - **direction**: the least-squares line through the blob's centroids: the displacement along the dominant
   axis must be at least half the world's travel (30% of the frame), the other axis small, and the track
   straight (small residuals).
@@ -43,8 +42,9 @@ COLOUR_MAX_DISTANCE = 60.0  # median shape colour to its palette colour
 MARGIN_RATIO = 0.5  # the nearest palette colour must be at most this fraction of the distance to the second
 BACKGROUND_MIN_SHARE = 0.6  # of a frame's pixels voting for the winning background
 COLOUR_MIN_SHARE = 0.75  # of the scene's blob pixels voting for the winning shape colour
-SHAPE_MARGIN_RATIO = 0.6  # nearest shape prototype at most this fraction of the distance to the second
-SHAPE_MIN_FRAMES = 7 / 9  # share of frames that must agree on the shape
+SHAPE_MARGIN_RATIO = 0.75  # nearest shape prototype at most this fraction of the distance to the second
+SHAPE_MIN_FRAMES = 2 / 3  # share of frames that must agree on the shape
+CORNER_FRACTION = 0.3  # side of the corner regions of a blob's bounding box, as a share of the box's side
 SIZE_RANGE = (0.6, 1.4)  # blob bounding box side / the world's shape size
 MIN_TRAVEL = 0.5  # dominant displacement / the world's travel, at least
 MAX_TRAVEL = 1.6  # ... and at most
@@ -170,27 +170,33 @@ def shape_masks(frames: np.ndarray, background_colours: np.ndarray) -> np.ndarra
 
 
 def blob_features(mask: np.ndarray) -> Optional[Dict[str, float]]:
-    """Centroid, bounding box size, fill of the box and share of the area in the box's upper half; None if empty."""
+    """Centroid, bounding box size and how full the box's top and bottom corners are; None if the mask is empty.
+
+    ``top_corners`` / ``bottom_corners``: the filled share of the two square regions (30% of the box's side) in
+    the box's upper / lower corners. A square fills all four, a circle little of any, an up-pointing triangle
+    its bottom corners only; blur rounds a square's corners but leaves the three far apart.
+    """
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         return None
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box_height, box_width = bottom - top, right - left
-    middle = (top + bottom) / 2
-    upper = np.sum(ys + 0.5 <= middle) + 0.5 * np.sum(np.abs(ys + 0.5 - middle) < 0.5)
+    box = mask[top:bottom, left:right].astype(np.float64)
+    corner_h = max(1, int(round(CORNER_FRACTION * box.shape[0])))
+    corner_w = max(1, int(round(CORNER_FRACTION * box.shape[1])))
+    upper, lower = box[:corner_h], box[-corner_h:]
     return {
         "x": float(xs.mean() + 0.5),
         "y": float(ys.mean() + 0.5),
-        "box_height": float(box_height),
-        "box_width": float(box_width),
-        "fill": float(len(ys) / (box_height * box_width)),
-        "upper_share": float(upper / len(ys)),
+        "box_height": float(bottom - top),
+        "box_width": float(right - left),
+        "top_corners": float((upper[:, :corner_w].mean() + upper[:, -corner_w:].mean()) / 2),
+        "bottom_corners": float((lower[:, :corner_w].mean() + lower[:, -corner_w:].mean()) / 2),
     }
 
 
 @functools.lru_cache(maxsize=None)
 def shape_prototypes(height: int = world.HEIGHT, width: int = world.WIDTH) -> Dict[str, Tuple[float, float]]:
-    """Mean ``(fill, upper_share)`` of each shape rendered at 64 positions: what a perfect blob measures."""
+    """Mean ``(top_corners, bottom_corners)`` of each shape rendered at 64 positions: what a perfect blob measures."""
     rng = np.random.default_rng(0)
     prototypes = {}
     half = world.shape_size(height) / 2
@@ -199,7 +205,7 @@ def shape_prototypes(height: int = world.HEIGHT, width: int = world.WIDTH) -> Di
         for _ in range(64):
             centre = (rng.uniform(half, width - half), rng.uniform(half, height - half))
             feats = blob_features(world.shape_mask(shape, centre, height, width))
-            features.append((feats["fill"], feats["upper_share"]))
+            features.append((feats["top_corners"], feats["bottom_corners"]))
         prototypes[shape] = tuple(np.mean(features, axis=0).tolist())
     return prototypes
 
@@ -212,7 +218,7 @@ def classify_blob(features: Optional[Dict[str, float]], height: int, width: int)
     for side in (features["box_height"], features["box_width"]):
         if not SIZE_RANGE[0] * size <= side <= SIZE_RANGE[1] * size:
             return None
-    point = np.asarray([features["fill"], features["upper_share"]])
+    point = np.asarray([features["top_corners"], features["bottom_corners"]])
     names = list(world.SHAPES)
     prototypes = shape_prototypes(height, width)
     distances = np.asarray([np.linalg.norm(point - np.asarray(prototypes[name])) for name in names])

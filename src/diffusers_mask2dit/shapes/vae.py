@@ -8,7 +8,7 @@ KL term, with the posterior sampled, so the decoder tolerates latents that are s
 latents are). At the end the latents' scaling factor is set to ``1 / std`` of the training latents, as for
 CogVideoX, so the transformer sees unit-variance latents.
 
-    python -m diffusers_mask2dit.shapes.vae --out runs/vae --steps 3000
+    python -m diffusers_mask2dit.shapes.vae --out runs/vae --steps 4000
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from . import world
 
-VAE_WIDTHS = (8, 16, 16, 16)
+VAE_WIDTHS = (8, 16, 32, 32)
 LATENT_CHANNELS = 8
 TRAIN_SEED = 11  # world seeds of training clips: (TRAIN_SEED, step, item)
 HELD_OUT_SEED = 7_000_011  # world seeds of held-out clips: (HELD_OUT_SEED, index); never drawn in training
@@ -116,12 +116,13 @@ def _save_state(path: str, vae, optimizer, step: int, log: List[Dict]) -> None:
 
 def train_vae(
     out: str,
-    steps: int = 3000,
+    steps: int = 4000,
     batch_size: int = 4,
     learning_rate: float = 1e-3,
     kl_weight: float = 1e-4,
     seed: int = 0,
     widths: Sequence[int] = VAE_WIDTHS,
+    loss: str = "mse",
     eval_every: int = 250,
     eval_clips: int = 32,
     final_eval_clips: int = 200,
@@ -141,6 +142,8 @@ def train_vae(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state_path = os.path.join(out, CHECKPOINT_NAME)
     step, log = 0, []
+    if loss not in ("mse", "l1"):
+        raise ValueError(f"`loss` must be 'mse' or 'l1'; got {loss!r}.")
     if os.path.exists(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         vae.load_state_dict(state["model"])
@@ -160,9 +163,10 @@ def train_vae(
         decoded = vae.decode(latents).sample
         reconstruction = (decoded - pixels).square().mean()
         kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
-        loss = reconstruction + kl_weight * kl
+        objective = reconstruction if loss == "mse" else (decoded - pixels).abs().mean()
+        objective = objective + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -212,16 +216,18 @@ def finish_vae(out: str, vae, log: List[Dict], final_eval_clips: int = 200) -> D
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Train the Shapes world's CogVideoX VAE from scratch.")
     parser.add_argument("--out", required=True, help="output folder (vae/, vae_report.json, resumable state)")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--widths", default=",".join(map(str, VAE_WIDTHS)), help="block_out_channels, comma-separated")
+    parser.add_argument("--loss", default="mse", choices=("mse", "l1"), help="reconstruction loss (default: mse)")
     parser.add_argument("--eval-every", type=int, default=250)
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
-    report = train_vae(args.out, args.steps, args.batch_size, args.learning_rate, args.kl_weight, args.seed, widths, args.eval_every)
+    report = train_vae(args.out, args.steps, args.batch_size, args.learning_rate, args.kl_weight, args.seed, widths, args.loss,
+                       args.eval_every)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}, indent=1))
     return 0
 

@@ -30,8 +30,8 @@ import torch
 
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset, VideoSource, collate_scenes, load_training_records
-from .loss import loss_summary, prepare_diffusion_batch, training_loss
-from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders, open_cache
+from .loss import drop_captions, loss_summary, prepare_diffusion_batch, training_loss
+from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders, load_null_prompt, open_cache
 
 logger = logging.getLogger(__name__)
 
@@ -620,6 +620,9 @@ def train(config: TrainingConfig) -> TrainingResult:
     encoder = None
     if not config.cache_dir:
         encoder = load_encoders(config, accelerator.device, weight_dtype)
+    null_embeds = None
+    if config.caption_dropout > 0:
+        null_embeds = load_null_prompt(config.cache_dir) if config.cache_dir else encoder.encode_prompts([""])[0]
     trainable = setup_finetuning(transformer, config, weight_dtype)
     transformer.to(accelerator.device)
     optimizer = build_optimizer(trainable, config)
@@ -683,6 +686,8 @@ def train(config: TrainingConfig) -> TrainingResult:
                     )
                 with accelerator.accumulate(transformer):
                     latent_mean, latent_std, prompt_embeds, scene_frames = _model_inputs(batch, encoder, accelerator.device)
+                    if null_embeds is not None:
+                        prompt_embeds = drop_captions(prompt_embeds, batch["sample_seeds"], null_embeds, config.caption_dropout)
                     diffusion = prepare_diffusion_batch(
                         latent_mean, latent_std, scene_frames, batch["sample_seeds"], noise_scheduler, config.effective_cond_prob
                     )
