@@ -42,7 +42,7 @@ def test_commands_are_registered():
 
 
 def test_demo_runs_multiscene_and_extension_offline(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert cli.main(["demo", "--random-weights", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM" in printed and "not quality" in printed and "extended" in printed
     from diffusers_mask2dit.generation_cli import DEMO_PROMPTS

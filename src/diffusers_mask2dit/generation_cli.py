@@ -27,11 +27,12 @@ CONTACT_SHEET_FILE = "contact_sheet.png"
 PROMPTS_FILE = "prompts.txt"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
+# The demo's default video: 3 scenes made together, a 4th added by scene extension (Shapes world prompts).
 DEMO_PROMPTS = [
-    "A red fox walks through a snowy forest in the morning light.",
-    "The fox stops at a frozen river and looks at its reflection.",
-    "The fox jumps across the ice and runs into the trees.",
-    "Night falls; the fox sleeps curled up under a pine tree.",
+    "a red circle moves right",
+    "a blue square moves up",
+    "a yellow triangle moves left",
+    "a green circle moves down",
 ]
 
 
@@ -227,24 +228,47 @@ def run_extend(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def demo_pipeline(args: argparse.Namespace, prompts: List[str]):
+    """The demo's model: the Shapes-world Mask²DiT shipped in the package (default; prompts must use the world's
+    words), or with ``--random-weights`` a tiny random CogVideoX of ``--style``. Fills in the model's sampling
+    defaults (``--steps``, ``--guidance``) where not given."""
     import torch
 
     from .pipeline import Mask2DiTPipeline
-    from .tiny import build_tiny_components
 
-    print("mask2dit demo: tiny RANDOM-weight model built offline. The videos are noise: this shows the machinery "
-          "(multi-scene generation + scene extension), not quality. Use `mask2dit generate` with real weights.")
-    try:
-        prompts = read_prompts(args.prompt, args.prompts_file, required=False) or list(DEMO_PROMPTS)
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-        start = time.time()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    if args.random_weights:
+        from .tiny import build_tiny_components
+
+        print("mask2dit demo: tiny RANDOM-weight model built offline. The videos are noise: this shows the machinery "
+              "(multi-scene generation + scene extension), not quality.")
+        args.steps, args.guidance = args.steps or 4, 6.0 if args.guidance is None else args.guidance
         pipe = Mask2DiTPipeline(**build_tiny_components(style=args.style, seed=args.seed))
         if dtype != torch.float32:  # the tiny models are built in fp32
             pipe.to(dtype=dtype)
-        pipe = _place(pipe, args, device)
+        return _place(pipe, args, device)
+    from .shapes import model as shapes_model
+    from .shapes.world import parse_prompt
+
+    for index, prompt in enumerate(prompts):
+        parse_prompt(prompt, f"--prompt {index + 1}")
+    print("mask2dit demo: the Shapes-world Mask²DiT shipped with the package (trained on a CPU with `mask2dit train`): "
+          "one background shared by all scenes, each scene follows its own prompt. --random-weights for the tiny random model.")
+    args.steps = args.steps or shapes_model.NUM_INFERENCE_STEPS
+    args.guidance = shapes_model.GUIDANCE_SCALE if args.guidance is None else args.guidance
+    pipe = Mask2DiTPipeline.from_pretrained(shapes_model.shipped_model_path(), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return _place(pipe, args, device)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        prompts = [" ".join(p.lower().split()) for p in read_prompts(args.prompt, args.prompts_file, required=False)]
+        prompts = prompts or list(DEMO_PROMPTS)
+        start = time.time()
+        pipe = demo_pipeline(args, prompts)
         # The first `--scenes-per-window` scenes come from one pass, the rest from scene extension.
-        scenes = generate_scenes(pipe, prompts, args, default_steps=4)
+        scenes = generate_scenes(pipe, prompts, args)
         save_outputs(args.out, scenes, prompts, args.fps)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return _fail("demo", error)
@@ -287,11 +311,14 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline offline on a tiny random model (shows the machinery, not quality)",
-        description="Build a tiny random-weight CogVideoX offline, generate 3 scenes together and extend by one "
-        "more, and write the standard outputs. Takes well under a minute on a CPU.",
+        help="multi-scene generation + scene extension offline with the Shapes-world model shipped in the package",
+        description="Generate 3 scenes together with the small Shapes-world Mask²DiT shipped in the package, extend "
+        "by one more, and write the standard outputs, in seconds on a CPU. Prompts are 'a {red,green,blue,yellow} "
+        "{circle,square,triangle} moves {left,right,up,down}'. --random-weights uses a tiny random CogVideoX instead.",
     )
     _add_common(demo, model=False)
-    demo.add_argument("--style", default="5b", choices=("5b", "2b", "1.5"), help="tiny model style (default: 5b)")
+    demo.set_defaults(guidance=None)  # the model's own (1.0 for the Shapes model, 6.0 for --random-weights)
+    demo.add_argument("--random-weights", action="store_true", help="a tiny random-weight CogVideoX (noise; the machinery only)")
+    demo.add_argument("--style", default="5b", choices=("5b", "2b", "1.5"), help="--random-weights model style (default: 5b)")
     demo.add_argument("--scenes-per-window", type=int, default=3, help="scenes generated at once (default: 3)")
     demo.set_defaults(func=run_demo)

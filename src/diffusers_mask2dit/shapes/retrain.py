@@ -53,10 +53,12 @@ class Recipe:
         report_to="none", checkpointing_steps=500, checkpoints_total_limit=1, resume_from_checkpoint="latest", seed=0,
     ))
     pretrain: Dict[str, Any] = field(default_factory=lambda: dict(
-        stage="pretrain", mask_variant="v2", max_train_steps=3000, learning_rate=5e-4, lr_scheduler="cosine", lr_warmup_steps=200,
+        stage="pretrain", mask_variant="v2", max_train_steps=7000, learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=200,
+        caption_dropout=0.1,
     ))
     sft: Dict[str, Any] = field(default_factory=lambda: dict(
-        stage="sft", cond_prob=0.5, max_train_steps=3000, learning_rate=2e-4, lr_scheduler="cosine", lr_warmup_steps=100,
+        stage="sft", cond_prob=0.5, max_train_steps=3000, learning_rate=5e-4, lr_scheduler="cosine", lr_warmup_steps=100,
+        caption_dropout=0.1,
     ))
 
     @classmethod
@@ -103,7 +105,10 @@ class Run:
         print(f"[shapes retrain] {name} ...", flush=True)
         started = time.time()
         action()
-        self.timings[name] = round(time.time() - started, 1) + self.timings.get(name + " (interrupted)", 0.0)
+        if os.path.isfile(self.timings_path):  # another run on this folder (other variants) may have added steps
+            with open(self.timings_path, encoding="utf-8") as handle:
+                self.timings = {**json.load(handle), **self.timings}
+        self.timings[name] = round(time.time() - started, 1)
         _write_json(self.timings, self.timings_path)
 
     def mask2dit(self, command: str, config: Dict[str, Any], name: str) -> None:
