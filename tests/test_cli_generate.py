@@ -79,7 +79,7 @@ def test_version(capsys):
 
 
 def test_demo_runs_multiscene_and_extension_offline(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert cli.main(["demo", "--random-weights", "--out", str(tmp_path / "demo")]) == 0
     captured = capsys.readouterr()
     assert "RANDOM" in captured.out and "not quality" in captured.out and "extended" in captured.out
     from diffusers_mask2dit.generation_cli import DEMO_PROMPTS

@@ -217,7 +217,7 @@ def test_setup_outside_torchrun_is_refused_by_name(monkeypatch):
 # The CLI: `mask2dit demo|generate|extend --ulysses-degree N [--cfg-parallel]` under torchrun
 # --------------------------------------------------------------------------------------------------
 
-DEMO = ["demo", "--prompt", "A red fox in the snow.", "--prompt", "The fox at a frozen river.", "--steps", "1"]
+DEMO = ["demo", "--random-weights", "--prompt", "A red fox in the snow.", "--prompt", "The fox at a frozen river.", "--steps", "1"]
 
 
 def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path):

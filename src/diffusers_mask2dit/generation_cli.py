@@ -45,11 +45,12 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 MASK_CHOICES = "v1, v2, v3 or full (or the authors' numbers 1, 2, 3, 5)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# The demo's default video (Shapes-world prompts): 3 scenes made together, a 4th added by scene extension.
 DEMO_PROMPTS = [
-    "A red fox walks through a snowy forest in the morning light.",
-    "The fox stops at a frozen river and looks at its reflection.",
-    "The fox jumps across the ice and runs into the trees.",
-    "Night falls; the fox sleeps curled up under a pine tree.",
+    "a red circle moves right",
+    "a blue square moves up",
+    "a yellow triangle moves left",
+    "a green circle moves down",
 ]
 
 
@@ -489,13 +490,37 @@ def load_pipeline(args: argparse.Namespace, description: str = "denoising"):
     return finish_pipeline(pipe, args, device, dtype, description)
 
 
+def demo_defaults(args: argparse.Namespace, prompts: List[str]) -> List[str]:
+    """Fill in the demo model's sampling defaults (``--steps``, ``--guidance``) and, for the Shapes model, check
+    that every prompt is in its world's vocabulary; returns the prompts as the model reads them."""
+    if args.random_weights:
+        args.steps = 4 if args.steps is None else args.steps
+        args.guidance = 6.0 if args.guidance is None else args.guidance
+        return prompts
+    from .shapes import model as shapes_model
+    from .shapes.world import parse_prompt
+
+    for index, prompt in enumerate(prompts):
+        parse_prompt(prompt, f"--prompt {index + 1}")
+    args.steps = shapes_model.NUM_INFERENCE_STEPS if args.steps is None else args.steps
+    args.guidance = shapes_model.GUIDANCE_SCALE if args.guidance is None else args.guidance
+    return [" ".join(prompt.lower().split()) for prompt in prompts]
+
+
 def demo_pipeline(args: argparse.Namespace):
-    """The demo's model: a tiny random-weight CogVideoX built offline in the ``--style`` asked for."""
+    """The demo's model: the Shapes-world Mask²DiT shipped in the package, or (``--random-weights``) a tiny
+    random-weight CogVideoX built offline in the ``--style`` asked for."""
     from .pipeline import Mask2DiTPipeline
-    from .tiny import build_tiny_components
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    components = build_tiny_components(style=args.style, seed=args.seed)
+    if args.random_weights:
+        from .tiny import build_tiny_components
+
+        components = build_tiny_components(style=args.style, seed=args.seed)
+    else:
+        from .shapes.model import shipped_model_path
+
+        components = Mask2DiTPipeline.from_pretrained(shipped_model_path(), dtype=dtype).components
     if args.transformer:
         components["transformer"] = load_transformer(args.transformer, dtype)
     return finish_pipeline(Mask2DiTPipeline(**components), args, device, dtype, "demo")
@@ -663,18 +688,24 @@ def run_extend(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_RANDOM_NOTE = ("mask2dit demo: tiny RANDOM-weight model built offline. The videos are noise: this shows the machinery "
+                    "(multi-scene generation + scene extension), not quality. Use `mask2dit generate` with real weights.")
+DEMO_SHAPES_NOTE = ("mask2dit demo: the Shapes-world Mask²DiT shipped with the package (trained on a CPU with `mask2dit "
+                    "train`): one background shared by all scenes, each scene follows its own prompt (docs/shapes.md).")
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    if is_main_process():
-        print("mask2dit demo: tiny RANDOM-weight model built offline. The videos are noise: this shows the machinery "
-              "(multi-scene generation + scene extension), not quality. Use `mask2dit generate` with real weights.")
     try:
-        check_options(args)
         prompts = read_prompts(args.prompt, args.prompts_file, required=False) or list(DEMO_PROMPTS)
+        prompts = demo_defaults(args, prompts)
+        if is_main_process():
+            print(DEMO_RANDOM_NOTE if args.random_weights else DEMO_SHAPES_NOTE)
+        check_options(args)
         start = time.time()
         pipe = demo_pipeline(args)
         check_model_options(pipe, args)
         # The first `--scenes-per-window` scenes come from one pass, the rest from scene extension.
-        scenes, latents = generate_scenes(pipe, prompts, args, default_steps=4)
+        scenes, latents = generate_scenes(pipe, prompts, args)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         save_outputs(args.out, scenes, prompts, args.fps, latents=latents)
@@ -735,14 +766,14 @@ def _add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for every scene (default: none)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**64 - 1 (default: 0)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps, >= 1 (default: 50; demo: 4)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps, >= 1 (default: 50; demo: the model's)")
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's, 480)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's, 720)")
     parser.add_argument(
         "--frames", type=int, default=None, help="pixel frames per scene: 1, 9, 17, ..., 49 (default: the model's, 49)"
     )
     parser.add_argument(
-        "--guidance", type=float, default=6.0, help="classifier-free guidance scale; <= 1 turns it off (default: 6.0)"
+        "--guidance", type=float, default=6.0, help="classifier-free guidance scale; <= 1 turns it off (default: 6.0; demo: the model's)"
     )
     parser.add_argument("--mask", default=None, help=f"scene attention mask: {MASK_CHOICES} (default: the model's, v2)")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written videos (default: 8)")
@@ -796,11 +827,14 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline offline on a tiny random model (shows the machinery, not quality)",
-        description="Build a tiny random-weight CogVideoX offline, generate 3 scenes together and extend by one "
-        "more, and write the standard outputs. Takes well under a minute on a CPU.",
+        help="multi-scene generation + scene extension offline with the Shapes-world model shipped in the package",
+        description="Generate 3 scenes together with the small Shapes-world Mask²DiT shipped in the package, extend "
+        "by one more, and write the standard outputs, in seconds on a CPU. Prompts are 'a {red,green,blue,yellow} "
+        "{circle,square,triangle} moves {left,right,up,down}'. --random-weights: a tiny random CogVideoX instead.",
     )
     _add_common(demo, model=False)
-    demo.add_argument("--style", default="5b", choices=("5b", "2b", "1.5"), help="tiny model style (default: 5b)")
+    demo.set_defaults(guidance=None)  # the model's own: 1.0 for the Shapes model, 6.0 with --random-weights
+    demo.add_argument("--random-weights", action="store_true", help="a tiny random-weight CogVideoX (noise: the machinery only)")
+    demo.add_argument("--style", default="5b", choices=("5b", "2b", "1.5"), help="--random-weights model style (default: 5b)")
     demo.add_argument("--scenes-per-window", type=int, default=3, help="scenes generated at once, >= 2 (default: 3)")
     demo.set_defaults(func=_ends_parallel(run_demo))

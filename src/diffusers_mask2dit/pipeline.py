@@ -33,15 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, is_torch_xla_available, logging
 from transformers import T5EncoderModel, T5Tokenizer
 
-from .generation_plan import (
-    GenerationPlan,
-    SamplingOptions,
-    call_plan,
-    check_plan,
-    extend_plan,
-    plan_pixel_size,
-    window_plan,
-)
+from .generation_plan import GenerationPlan, SamplingOptions, call_plan, check_plan, extend_plan, plan_pixel_size, window_plan
 from .pipeline_inputs import (
     FrameCounts,
     ScenePrompts,
@@ -192,7 +184,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         negative_prompts: Optional[List[List[str]]],
         do_classifier_free_guidance: bool,
         num_videos_per_prompt: int = 1,
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         per_scene: bool = False,
@@ -203,11 +195,14 @@ class Mask2DiTPipeline(CogVideoXPipeline):
             prompts: ``[sample][scene]`` strings.
             negative_prompts: same layout; used only with classifier-free guidance.
             per_scene: return the lists of per-scene embeddings ``(B * num_videos_per_prompt, L, D)`` instead.
+            max_sequence_length: tokens per prompt (None: the transformer's ``max_text_seq_length``).
 
         Returns:
             ``prompt_embeds (B * num_videos_per_prompt, n * L, D)``, the negative ones of the same shape
             (None without guidance) and the text length of each scene (``[L] * n``).
         """
+        if max_sequence_length is None:  # the length the transformer was trained with (226 for CogVideoX)
+            max_sequence_length = int(getattr(getattr(self.transformer, "config", None), "max_text_seq_length", 226))
         self._warn_truncated(prompts, max_sequence_length)
         encoded: Dict[Tuple[str, ...], torch.Tensor] = {}
 
@@ -500,7 +495,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         attention_kwargs: Optional[Dict[str, Any]] = None,
         callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
     ) -> Union[Mask2DiTPipelineOutput, Tuple]:
         """Generate n scenes at once, one prompt per scene.
 
@@ -571,7 +566,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         attention_kwargs: Optional[Dict[str, Any]] = None,
         callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
     ) -> Union[Mask2DiTPipelineOutput, Tuple]:
         """Generate the next scene(s) conditioned on context scenes (paper Sec. 3.3, segment-level conditional mask).
 
@@ -642,7 +637,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         attention_kwargs: Optional[Dict[str, Any]] = None,
         callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-        max_sequence_length: int = 226,
+        max_sequence_length: Optional[int] = None,
     ) -> Union[Mask2DiTPipelineOutput, Tuple]:
         """Generate N scenes: the first ``scenes_per_window`` together, then one at a time, each conditioned on
         the previous ``scenes_per_window - 1`` scenes' latents (no decode / re-encode between windows). Each

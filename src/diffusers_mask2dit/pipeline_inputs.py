@@ -177,13 +177,14 @@ def check_sampling(
     num_inference_steps: Any, timesteps: Optional[Sequence[int]], num_videos_per_prompt: Any, max_sequence_length: Any
 ) -> None:
     """Step counts, videos per prompt and the text length: positive ints (with ``timesteps`` the step count is
-    their number and ``num_inference_steps`` is not used)."""
+    their number and ``num_inference_steps`` is not used; a text length of None means the transformer's own)."""
     if timesteps is None:
         positive_int(num_inference_steps, "num_inference_steps", " (denoising steps)")
     elif len(timesteps) == 0:
         raise ValueError("`timesteps` must list at least one timestep; got an empty list.")
     positive_int(num_videos_per_prompt, "num_videos_per_prompt")
-    positive_int(max_sequence_length, "max_sequence_length", " (text tokens per scene prompt)")
+    if max_sequence_length is not None:
+        positive_int(max_sequence_length, "max_sequence_length", " (text tokens per scene prompt)")
 
 
 def check_output_type(output_type: Any) -> None:

@@ -4,6 +4,7 @@
     mask2dit evaluate --video one.mp4 --scene-frames 49,49,49 --prompts p.txt --clip path/to/clip
     mask2dit evaluate --batch samples/ --clip path/to/clip                 # one subfolder per sample
     mask2dit evaluate --video out/ --tiny-clip                             # offline try-out: tiny random CLIP
+    mask2dit evaluate --video out/ --shapes                                # Shapes-world videos: exact scorer
 
 Prints a table and writes JSON (``--output``; default ``<folder>/metrics.json``, ``<video>_metrics.json`` beside a
 single file, or ``<batch root>/metrics_summary.json``). Exit code: 0 ok, 1 some batch samples failed, 2 bad input.
@@ -101,11 +102,20 @@ def _default_output(args: argparse.Namespace) -> str:
 
 
 TINY_CLIP = "tiny-random-clip"  # what the JSON records as `clip` with --tiny-clip
+SHAPES_SCORER = "shapes-scorer"  # ... and with --shapes
+
+
+def _encoder_name(args: argparse.Namespace) -> str:
+    return args.clip or (SHAPES_SCORER if args.shapes else TINY_CLIP)
 
 
 def _load_encoder(args: argparse.Namespace):
     from .encoders import CLIPVideoEncoder, save_tiny_clip
 
+    if args.shapes:
+        from ..shapes.score import ShapesEncoder
+
+        return ShapesEncoder()
     options = dict(device=args.device, frames_per_scene=args.frames_per_scene, batch_size=args.batch_size)
     if not args.tiny_clip:
         return CLIPVideoEncoder.from_pretrained(args.clip, **options)
@@ -126,7 +136,7 @@ def _run_single(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> 
         )
     encoder = _load_encoder(args)
     result = core.evaluate_scenes(scenes, prompts, encoder, frame_stride=args.frame_stride)
-    result = {"video": args.video, "prompts_file": prompts_path, "clip": args.clip or TINY_CLIP, **result}
+    result = {"video": args.video, "prompts_file": prompts_path, "clip": _encoder_name(args), **result}
     output = args.output or _default_output(args)
     write_json(result, output)
     print(f"Mask²DiT evaluation of {args.video} ({result['num_scenes']} scenes, frames {result['scene_frames']})")
@@ -155,7 +165,7 @@ def _run_batch(args: argparse.Namespace, scene_frames: Optional[List[int]]) -> i
         progress=not args.no_progress,
         on_error=report,
     )
-    batch = {"root": args.batch, "clip": args.clip or TINY_CLIP, **batch}
+    batch = {"root": args.batch, "clip": _encoder_name(args), **batch}
     output = args.output or _default_output(args)
     write_json(batch, output)
     print(f"Mask²DiT evaluation of {len(batch['samples'])} samples in {args.batch} ({len(batch['failed'])} failed)")
@@ -222,6 +232,9 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentP
     encoder.add_argument("--clip", help="CLIP model folder (save_pretrained) or Hub id")
     encoder.add_argument(
         "--tiny-clip", action="store_true", help="a tiny random CLIP built offline: tries the command, scores mean nothing"
+    )
+    encoder.add_argument(
+        "--shapes", action="store_true", help="videos of the Shapes world: its exact pixel scorer as the encoder"
     )
     parser.add_argument("--output", help="JSON file to write (default: metrics.json in the folder, <video>_metrics.json beside one mp4, metrics_summary.json in the batch root)")
     parser.add_argument("--device", default=None, help="torch device: auto, cpu, cuda, cuda:N, mps (default: auto = cuda if available, else cpu)")

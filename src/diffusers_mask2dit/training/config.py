@@ -88,6 +88,7 @@ class TrainingConfig:
     height: int = _opt(480, "Training height in pixels (multiple of 16).")
     width: int = _opt(720, "Training width in pixels (multiple of 16).")
     cond_prob: float = _opt(0.5, "sft: probability that a sample is conditional (first n-1 scenes clean at timestep 0, loss on the last).")
+    caption_dropout: float = _opt(0.0, "Probability that all of a sample's prompts are replaced by the empty prompt (trains the unconditional model classifier-free guidance needs).")
     dataloader_num_workers: int = _opt(0, "DataLoader worker processes.")
     cache_dtype: str = _opt("bfloat16", "precompute: dtype of cached latents and prompt embeddings (float32, bfloat16, float16).")
 
@@ -168,6 +169,8 @@ class TrainingConfig:
                 raise ValueError(f"`{name}` must be a positive multiple of {PIXEL_MULTIPLE}, got {value}.")
         if not 0.0 <= self.cond_prob <= 1.0:
             raise ValueError(f"`cond_prob` must be in [0, 1], got {self.cond_prob}.")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"`caption_dropout` must be in [0, 1], got {self.caption_dropout}.")
         for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "collective_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")

@@ -124,6 +124,34 @@ def prepare_diffusion_batch(
     )
 
 
+def drop_captions(prompt_embeds: torch.Tensor, sample_seeds: torch.Tensor, null_embeds: torch.Tensor, probability: float) -> torch.Tensor:
+    """Replace every scene's prompt of a sample by the empty prompt with ``probability`` (caption dropout).
+
+    Args:
+        prompt_embeds: ``(B, n * L, D)``, the scenes' prompt embeddings concatenated.
+        sample_seeds: ``(B,)``; each sample's choice comes from its own generator (seeded from its seed, apart from
+            the draws of :func:`prepare_diffusion_batch`, which therefore do not change).
+        null_embeds: ``(L, D)``, the embedding of the empty prompt.
+
+    A whole sample is dropped, not single scenes: classifier-free guidance runs the model with every scene's
+    prompt empty at once.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"`caption_dropout` must be in [0, 1], got {probability}.")
+    length = null_embeds.shape[0]
+    if prompt_embeds.shape[1] % length or prompt_embeds.shape[2] != null_embeds.shape[1]:
+        raise ValueError(
+            f"`null_embeds` {tuple(null_embeds.shape)} does not fit prompt embeddings {tuple(prompt_embeds.shape)} "
+            "(tokens per scene x width)."
+        )
+    dropped = torch.tensor(
+        [bool(torch.rand((), generator=torch.Generator().manual_seed(int(seed) ^ 0xCA9D)) < probability) for seed in sample_seeds.tolist()],
+        device=prompt_embeds.device,
+    )
+    null = null_embeds.to(prompt_embeds).repeat(prompt_embeds.shape[1] // length, 1)
+    return torch.where(dropped[:, None, None], null[None], prompt_embeds)
+
+
 def v_prediction_loss(model_output: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the masked latent frames of each sample, averaged over samples.
 

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = "mask2dit-latent-cache"
 CACHE_VERSION = 1
 INDEX_NAME = "cache_index.json"
+NULL_PROMPT_NAME = "null_prompt.safetensors"  # the empty prompt's embedding, for caption dropout
 LATENT_FOLDER = "latents"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # `mixed_precision` -> dtype of frozen weights (and of the VAE and T5 while encoding).
@@ -278,6 +279,27 @@ def open_cache(config: TrainingConfig) -> Tuple[List[List[Clip]], CacheSource]:
     return records, CacheSource(config.cache_dir, files)
 
 
+def write_null_prompt(cache_dir: str, encoder: SceneEncoder, cache_dtype: str = "float32") -> str:
+    """Save the empty prompt's embedding ``(L, D)`` beside the cache (caption dropout reads it); returns its path."""
+    path = os.path.join(cache_dir, NULL_PROMPT_NAME)
+    embeds = encoder.encode_prompts([""])[0].to(TORCH_DTYPES[cache_dtype]).cpu()
+    _atomic_save_tensors({"prompt_embeds": embeds}, path, metadata={"caption": ""})
+    return path
+
+
+def load_null_prompt(cache_dir: str) -> torch.Tensor:
+    """The empty prompt's embedding ``(L, D)`` (float32) saved by :func:`write_null_prompt`."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(cache_dir, NULL_PROMPT_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"`caption_dropout` needs the empty prompt's embedding, but the cache in {cache_dir} has no {NULL_PROMPT_NAME}; "
+            "run `mask2dit precompute` again (it keeps the clips already encoded)."
+        )
+    return load_file(path)["prompt_embeds"].float()
+
+
 def load_encoders(config: TrainingConfig, device: torch.device, dtype: torch.dtype) -> SceneEncoder:
     """The frozen VAE and T5 of ``config.pretrained_model_name_or_path`` on ``device`` in ``dtype``.
 
@@ -332,6 +354,8 @@ def precompute(config: TrainingConfig) -> Optional[str]:
             f"{str(error).strip().splitlines()[0]}"
         ) from None
     precompute_cache(config, encoder, records, state.process_index, state.num_processes)
+    if state.is_main_process:
+        write_null_prompt(config.cache_dir, encoder, config.cache_dtype)
     state.wait_for_everyone()
     path = write_cache_index(config, records, float(encoder.vae.config.scaling_factor)) if state.is_main_process else None
     state.wait_for_everyone()

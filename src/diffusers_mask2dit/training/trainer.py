@@ -37,9 +37,9 @@ from .checkpoints import (  # noqa: F401  (list_checkpoints: imported from here 
 )
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset
-from .loss import loss_summary, prepare_diffusion_batch, training_loss
+from .loss import drop_captions, loss_summary, prepare_diffusion_batch, training_loss
 from .outputs import save_final_weights
-from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders
+from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders, load_null_prompt
 from .setup import (  # noqa: F401  (apply_deepspeed_gradient_clipping, setup_finetuning: imported from here by users)
     apply_deepspeed_gradient_clipping,
     apply_learning_rate,
@@ -95,6 +95,7 @@ class _Run:
     noise_scheduler: Any
     weight_dtype: torch.dtype
     trainable: List[torch.nn.Parameter]
+    null_embeds: Optional[torch.Tensor] = None  # the empty prompt's embedding (L, D), with caption dropout
     progress: TrainingProgress = field(default_factory=TrainingProgress)
     # A checkpoint counts as good once the forward pass after it gave a finite loss; the newest one is
     # "unconfirmed" until then (its weights may be the ones that diverge).
@@ -155,6 +156,9 @@ def _start(config: TrainingConfig) -> _Run:
             + (f" / `transformer_path` {config.transformer_path!r}" if config.transformer_path else "")
             + f" could not be loaded: {str(error).strip().splitlines()[0]}"
         ) from None
+    null_embeds = None
+    if config.caption_dropout > 0:
+        null_embeds = load_null_prompt(config.cache_dir) if config.cache_dir else encoder.encode_prompts([""])[0]
     trainable = setup_finetuning(transformer, config, weight_dtype)  # LoRA init draws from the global RNG
     transformer.to(accelerator.device)
     optimizer = build_optimizer(trainable, config)
@@ -168,7 +172,7 @@ def _start(config: TrainingConfig) -> _Run:
     return _Run(
         config=config, accelerator=accelerator, transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler,
         dataloader=dataloader, dataset=dataset, sampler=sampler, encoder=encoder, noise_scheduler=noise_scheduler,
-        weight_dtype=weight_dtype, trainable=trainable,
+        weight_dtype=weight_dtype, trainable=trainable, null_embeds=null_embeds,
     )
 
 
@@ -332,6 +336,8 @@ def _training_step(run: _Run, batch: Dict[str, Any]) -> Tuple[float, Optional[to
     accelerator, config = run.accelerator, run.config
     with accelerator.accumulate(run.transformer):
         latent_mean, latent_std, prompt_embeds, scene_frames = _model_inputs(batch, run.encoder, accelerator.device)
+        if run.null_embeds is not None:
+            prompt_embeds = drop_captions(prompt_embeds, batch["sample_seeds"], run.null_embeds, config.caption_dropout)
         diffusion = prepare_diffusion_batch(
             latent_mean, latent_std, scene_frames, batch["sample_seeds"], run.noise_scheduler, config.effective_cond_prob
         )

@@ -1,0 +1,108 @@
+"""The Shapes model shipped inside the package: a real diffusers folder, small, and still good on fixed seeds.
+
+The thresholds are below what the model measures on these seeds (see docs/shapes.md for the 200-sample
+figures), so a change that breaks generation, extension or loading fails here without retraining anything.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_mask2dit.shapes import ablation, score, world
+from diffusers_mask2dit.shapes import model as shapes_model
+from diffusers_mask2dit.shapes.vae import held_out_clips, reconstruction_psnr
+
+SAMPLES = list(range(4))  # held-out samples 0-3 of the ablation's seeds
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return shapes_model.load_pipeline()
+
+
+def test_shipped_folder_is_small_safetensors_and_cogvideox_5b_style(pipe):
+    folder = shapes_model.shipped_model_path()
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    weights = [f for f in files if not f.endswith(".json")]
+    assert weights and all(f.endswith(".safetensors") for f in weights), weights
+    assert sum(os.path.getsize(f) for f in files) <= 20 * 2**20
+    for component in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.isdir(os.path.join(folder, component))
+    config = pipe.transformer.config
+    assert config.use_rotary_positional_embeddings and config.attn_mask_variant == "v2"
+    assert config.max_text_seq_length == shapes_model.MAX_SEQUENCE_LENGTH
+    # The pipeline pads prompts to the transformer's text length by default (8 here, 226 for CogVideoX).
+    embeds, _, lengths = pipe.encode_scene_prompts([world.all_prompts()[:3]], None, False)
+    assert lengths == [shapes_model.MAX_SEQUENCE_LENGTH] * 3 and embeds.shape[1] == 3 * shapes_model.MAX_SEQUENCE_LENGTH
+
+
+def test_shipped_vae_reconstructs_held_out_clips_above_30_db(pipe):
+    values = reconstruction_psnr(pipe.vae, held_out_clips(4))
+    assert min(values) >= 30.0, values
+
+
+def test_shipped_model_follows_prompts_and_keeps_one_background(pipe):
+    result = ablation.run_multiscene(pipe, "v2", SAMPLES, batch_size=4)
+    scenes = [s["correct"] for s in result["samples"]]
+    pairs = [s["same_background"] for s in result["samples"]]
+    assert np.mean(scenes) >= 0.75, result["samples"]
+    assert np.mean(pairs) >= 0.75, result["samples"]
+    extended = ablation.run_extend(pipe, SAMPLES[:2], result["latents"][:2], batch_size=2)["samples"]
+    assert all(s["keeps_background"] for s in extended), extended
+    assert sum(s["follows_prompt"] for s in extended) >= 1, extended
+
+
+def test_generate_long_runs_on_the_shipped_model(pipe):
+    prompts = ablation.held_out_prompts(0, 4)
+    output = pipe.generate_long(prompts, scenes_per_window=3, generator=torch.Generator().manual_seed(0), output_type="np",
+                                **shapes_model.generation_kwargs(num_inference_steps=10))
+    backgrounds = [score.read_scene(frames).background for frames in output.scene_frames[0]]
+    assert len(backgrounds) == 4 and backgrounds[3] is not None and len(set(backgrounds)) == 1, backgrounds
+
+
+def test_hub_build_and_custom_pipeline_run_the_shipped_model(tmp_path):
+    out = tmp_path / "hub"
+    from diffusers_mask2dit.cli import main as cli_main
+
+    assert cli_main(["hub", "build", "--model", shapes_model.shipped_model_path(), "--out", str(out), "--verify", "none"]) == 0
+    script = (
+        "import sys, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline=sys.argv[1], trust_remote_code=True)\n"
+        "out = pipe(prompt=['a red circle moves left', 'a blue square moves up'], num_inference_steps=2, guidance_scale=1.0,"
+        " generator=torch.Generator().manual_seed(0), output_type='np')\n"
+        "print(type(pipe).__name__, [s.shape for s in out.scene_frames[0]])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Mask2DiTPipeline [(9, 48, 48, 3), (9, 48, 48, 3)]" in result.stdout
+
+
+def test_demo_defaults_to_the_shapes_model(tmp_path, capsys):
+    from diffusers_mask2dit.cli import main as cli_main
+    from diffusers_mask2dit.generation_cli import DEMO_PROMPTS
+    from diffusers_mask2dit.video_io import read_video
+
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out)]) == 0
+    assert "Shapes" in capsys.readouterr().out
+    assert (out / "prompts.txt").read_text().splitlines() == DEMO_PROMPTS
+    scenes = [read_video(str(out / f"scene_{i:02d}.mp4")) for i in range(4)]
+    assert all(s.shape == (world.FRAMES, world.HEIGHT, world.WIDTH, 3) for s in scenes)
+    assert (out / "contact_sheet.png").is_file() and (out / "video.mp4").is_file()
+    backgrounds = {score.read_scene(s).background for s in scenes}
+    assert len(backgrounds) == 1 and None not in backgrounds  # one background throughout, extension included
+
+
+def test_demo_rejects_words_outside_the_world(tmp_path, capsys):
+    from diffusers_mask2dit.cli import main as cli_main
+
+    code = cli_main(["demo", "--prompt", "a red circle moves left", "--prompt", "a purple cat jumps", "--out", str(tmp_path / "d")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--prompt 2" in error and "purple, cat, jumps" in error and "colour: red, green, blue, yellow" in error
+    assert not (tmp_path / "d").exists()
