@@ -109,7 +109,7 @@ def render(template: str, values: Mapping[str, Any], sections: Optional[Mapping[
 
 
 def front_matter(card: str) -> Dict[str, Any]:
-    """Parse and check the YAML front matter the Hub reads (library, task, base model, licence, tags)."""
+    """Parse and check the YAML front matter the Hub reads (library, task, licence, tags; base model if any)."""
     import yaml
 
     if not card.startswith("---\n"):
@@ -121,7 +121,9 @@ def front_matter(card: str) -> Dict[str, Any]:
         data = yaml.safe_load(card[4:end]) or {}
     except yaml.YAMLError as error:
         raise CardError(f"The card's front matter is not valid YAML: {error}") from None
-    for key in ("library_name", "pipeline_tag", "base_model", "license", "tags"):
+    # No `base_model` is required: a model trained from scratch (the Shapes model) has none; the fine-tune and LoRA
+    # templates ask for it themselves.
+    for key in ("library_name", "pipeline_tag", "license", "tags"):
         if not data.get(key):
             raise CardError(f"The card's front matter has no `{key}`.")
     if data["library_name"] != "diffusers" or data["pipeline_tag"] != "text-to-video":

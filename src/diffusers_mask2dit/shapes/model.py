@@ -35,10 +35,12 @@ TRANSFORMER = dict(
     time_embed_dim=128,
     patch_size=1,
 )
-# Sampling defaults of the shipped model: no classifier-free guidance (the trainer has no caption dropout, so the
-# model never saw an empty prompt; guidance would extrapolate from an input it does not know).
+# Sampling defaults of the shipped model. It was trained with caption dropout 0.1, so it knows the empty prompt and
+# classifier-free guidance works; 3.0 was chosen on validation samples 1000-1023 (never the ablation's 0-199):
+# prompt accuracy 46% / 86% / 76% / 76% at guidance 1 / 3 / 5 / 7 (identity 81% / 78% / 75% / 75%); 50 steps
+# instead of 20 changed neither by more than the sampling noise.
 NUM_INFERENCE_STEPS = 20
-GUIDANCE_SCALE = 1.0
+GUIDANCE_SCALE = 3.0
 SHIPPED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 
 
