@@ -4,6 +4,7 @@ The thresholds are below what the model measures on these seeds (see docs/shapes
 figures), so a change that breaks generation, extension or loading fails here without retraining anything.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -110,3 +111,35 @@ def test_demo_rejects_words_outside_the_world(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--prompt 2" in error and "purple, cat, jumps" in error and "colour: red, green, blue, yellow" in error
     assert not (tmp_path / "d").exists()
+
+
+def test_ablation_script_writes_the_table_once_per_condition(tmp_path, monkeypatch):
+    """The ablation script end to end on 2 samples at 2 steps (the shipped model stands in for every variant): JSON,
+    table, plot and README section; a second run reuses every condition instead of generating again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for variant in ablation.MASK_VARIANTS:
+        (run / f"model-{variant}").symlink_to(shapes_model.shipped_model_path())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ablation.README_START}\nold\n{ablation.README_END}\nrest\n")
+    fast = shapes_model.generation_kwargs
+    monkeypatch.setattr(shapes_model, "generation_kwargs", lambda **o: fast(**{"num_inference_steps": 2, **o}))
+    args = ["--run", str(run), "--out", str(tmp_path / "out"), "--samples", "2", "--long-samples", "1", "--batch-size", "2"]
+    assert ablation.main(args + ["--conditions", "v2", "extend"]) == 0
+    assert not (tmp_path / "out" / "ablation.json").exists()  # not all conditions made yet
+    assert ablation.main(args + ["--readme", str(readme)]) == 0
+    result = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert set(result["summary"]["conditions"]) == {"v1", "v2", "v3", "full", "separate"}
+    assert result["summary"]["conditions"]["v2"]["prompt_accuracy"]["n"] == 2
+    assert result["summary"]["extension"]["long_follows_prompt"]["n"] == 1
+    text = readme.read_text()
+    assert "| separate |" in text and "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert (tmp_path / "out" / "ablation.png").is_file()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a condition was generated again")
+
+    for name in ("run_multiscene", "run_separate", "run_extend", "run_generate_long"):
+        monkeypatch.setattr(ablation, name, no_generation)
+    assert ablation.main(args) == 0
+    assert json.loads((tmp_path / "out" / "ablation.json").read_text())["summary"] == result["summary"]

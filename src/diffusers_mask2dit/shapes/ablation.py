@@ -174,6 +174,8 @@ def summarize_extension(extend: Dict[str, Any], long: Dict[str, Any]) -> Dict[st
 
 
 def _fmt(stats: Dict[str, Any]) -> str:
+    if stats["half_width"] is None:  # one sample: no interval
+        return f"{stats['mean']:.1f}"
     return f"{stats['mean']:.1f} ± {stats['half_width']:.1f}"
 
 
@@ -246,34 +248,100 @@ def insert_readme(readme: str, table: str) -> None:
         handle.write(head + README_START + "\n" + table + README_END + tail)
 
 
+CONDITIONS = MASK_VARIANTS + ("separate", "extend", "generate_long")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and lists (for JSON)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+class ConditionCache:
+    """Each condition's per-sample results in ``<out>/conditions/<name>.json`` (and the v2 latents that extension
+    continues from), written atomically: a later run reuses them, so the script resumes, and the conditions that
+    need only the v2 model can run while the other variants still train."""
+
+    def __init__(self, out: str, settings: Dict[str, Any]):
+        self.folder = os.path.join(out, "conditions")
+        self.settings = json.loads(json.dumps(settings))  # results of other samples or sampling options are not reused
+        os.makedirs(self.folder, exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name + (".safetensors" if name.endswith("latents") else ".json"))
+
+    def get(self, name: str, compute) -> Any:
+        path = self._path(name)
+        if os.path.isfile(path):
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(path)["latents"]
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            if saved["settings"] == self.settings:
+                return saved["result"]
+        started = time.time()
+        result = compute()
+        if not path.endswith(".safetensors"):  # what a later run reads back: plain JSON types
+            result = json.loads(json.dumps(result, default=_plain))
+        temporary = path + ".tmp"
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file({"latents": result.contiguous()}, temporary)
+        else:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump({"settings": self.settings, "seconds": round(time.time() - started, 1), "result": result}, handle)
+        os.replace(temporary, path)
+        return result
+
+
+def _condition(cache: ConditionCache, pipes, name: str, samples: List[int], long_samples: int, batch_size: int):
+    """One condition's per-sample results (from the cache when made before)."""
+    if name in MASK_VARIANTS:
+        def multiscene():
+            result = run_multiscene(pipes(name), name, samples, batch_size)
+            if name == "v2":
+                cache.get("v2_latents", lambda: result["latents"])
+            return {"prompts": result["prompts"], "samples": result["samples"]}
+
+        return cache.get(name, multiscene)
+    if name == "separate":
+        return cache.get(name, lambda: run_separate(pipes("v2"), samples, batch_size))
+    if name == "extend":
+        _condition(cache, pipes, "v2", samples, long_samples, batch_size)
+        latents = cache.get("v2_latents", lambda: None)
+        return cache.get(name, lambda: run_extend(pipes("v2"), samples, latents, batch_size))
+    return cache.get(name, lambda: run_generate_long(pipes("v2"), list(range(long_samples)), 6, batch_size))
+
+
 def run_ablation(run: str, out: str, num_samples: int = 200, long_samples: int = 100, batch_size: int = 16,
-                 readme: Optional[str] = None) -> Dict[str, Any]:
-    """Generate, score and summarise every condition; write the JSON, the table, the plot (and the README)."""
-    os.makedirs(out, exist_ok=True)
+                 readme: Optional[str] = None, conditions: Sequence[str] = CONDITIONS) -> Optional[Dict[str, Any]]:
+    """Generate and score ``conditions`` (each once: see `ConditionCache`); when all are done, write the JSON, the
+    table and the plot (and the README section). Returns None while some are missing."""
     samples = list(range(num_samples))
-    started = time.time()
-    conditions, details, timings = {}, {}, {}
-    pipes = {variant: shapes_model.load_pipeline(os.path.join(run, f"model-{variant}")) for variant in MASK_VARIANTS}
-    for variant in MASK_VARIANTS:
-        t0 = time.time()
-        result = run_multiscene(pipes[variant], variant, samples, batch_size)
-        timings[variant] = time.time() - t0
-        if variant == "v2":
-            v2_latents = result["latents"]
-        details[variant] = {"prompts": result["prompts"], "samples": result["samples"]}
-        conditions[variant] = summarize_condition(result["samples"])
-    t0 = time.time()
-    details["separate"] = run_separate(pipes["v2"], samples, batch_size)
-    conditions["separate"] = summarize_condition(details["separate"]["samples"])
-    timings["separate"] = time.time() - t0
-    t0 = time.time()
-    details["extend"] = run_extend(pipes["v2"], samples, v2_latents, batch_size)
-    details["generate_long"] = run_generate_long(pipes["v2"], list(range(long_samples)), 6, batch_size)
-    timings["extension"] = time.time() - t0
-    summary = {"conditions": conditions, "extension": summarize_extension(details["extend"], details["generate_long"])}
-    meta = {"num_samples": num_samples, "long_samples": long_samples, "eval_seed": EVAL_SEED, "noise_seed": NOISE_SEED,
-            "generation": {k: v for k, v in shapes_model.generation_kwargs().items()}, "run": os.path.abspath(run),
-            "seconds": round(time.time() - started, 1), "seconds_per_condition": {k: round(v, 1) for k, v in timings.items()}}
+    settings = {"num_samples": num_samples, "long_samples": long_samples, "eval_seed": EVAL_SEED, "noise_seed": NOISE_SEED,
+                "generation": shapes_model.generation_kwargs()}
+    cache = ConditionCache(out, settings)
+    loaded: Dict[str, Any] = {}
+
+    def pipes(variant: str):
+        if variant not in loaded:
+            loaded[variant] = shapes_model.load_pipeline(os.path.join(run, f"model-{variant}"))
+        return loaded[variant]
+
+    from tqdm.auto import tqdm
+
+    details = {}
+    for name in tqdm(conditions, desc="ablation conditions"):
+        details[name] = _condition(cache, pipes, name, samples, long_samples, batch_size)
+    if set(details) != set(CONDITIONS):
+        return None
+    summary = {
+        "conditions": {name: summarize_condition(details[name]["samples"]) for name in MASK_VARIANTS + ("separate",)},
+        "extension": summarize_extension(details["extend"], details["generate_long"]),
+    }
+    meta = {**settings, "run": os.path.abspath(run)}
     with open(os.path.join(out, "ablation.json"), "w", encoding="utf-8") as handle:
         json.dump({"meta": meta, "summary": summary, "details": details}, handle, indent=1, default=str)
     table = markdown_table(summary, meta)
@@ -293,9 +361,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--long-samples", type=int, default=100, help="6-scene generate_long videos (default 100)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--readme", default=None, help="README to update between the shapes-ablation markers")
+    parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS),
+                        help="conditions to make now (default: all; each is made once and kept in <out>/conditions)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = run_ablation(args.run, args.out, args.samples, args.long_samples, args.batch_size, args.readme)
+    result = run_ablation(args.run, args.out, args.samples, args.long_samples, args.batch_size, args.readme, args.conditions)
+    if result is None:
+        print(f"made {', '.join(args.conditions)}; run again with all conditions for the table")
+        return 0
     print(markdown_table(result["summary"], result["meta"]))
     return 0
 
