@@ -562,7 +562,7 @@ def test_convert_official_refuses_symlinks_and_escaping_shard_names(release, tmp
         index_path.write_text(json.dumps(spoiled))
         with pytest.raises(ConversionError, match=rf"weight_map` entry of '{tensor}'.*{message}"):
             convert_official(src, tmp_path / "out", verify="none")
-        assert main(["convert-official", "--src", str(src), "--out", str(tmp_path / "out"), "--verify", "none"]) == 1
+        assert main(["convert-official", "--src", str(src), "--out", str(tmp_path / "out"), "--verify", "none"]) == 2  # bad input: exit 2
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -617,7 +617,7 @@ def test_convert_official_names_a_rejected_pickle_and_keeps_out_untouched(releas
 
     shard = sorted((src / "transformer").glob("*.bin"))[1]
     torch.save({"weight": torch.zeros(1), "payload": Payload()}, shard)
-    assert main(["convert-official", "--src", str(src), "--out", str(out), "--overwrite", "--verify", "none"]) == 1
+    assert main(["convert-official", "--src", str(src), "--out", str(out), "--overwrite", "--verify", "none"]) == 2  # bad input: exit 2
     # (the CLI's message is checked below through the API; capsys is not needed for it)
     with pytest.raises(Exception) as raised:
         convert_official(src, out, overwrite=True, verify="none")
