@@ -160,6 +160,9 @@ def worker(size: str, ulysses: int, cfg: int, warmup: int, repeats: int, threads
             json.dump({"times": times, "cpu_times": cpu_times, "bytes_per_layer": counter["bytes"] / model.config.num_layers},
                       handle)
     if parallel:
+        # Every rank done (rank 0's writes included) before gloo is torn down: a rank that destroys its group while
+        # another still has collectives in flight can abort with "terminate called without an active exception".
+        dist.barrier()
         dist.destroy_process_group()
 
 

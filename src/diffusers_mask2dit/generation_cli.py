@@ -833,7 +833,7 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
         "{circle,square,triangle} moves {left,right,up,down}'. --random-weights: a tiny random CogVideoX instead.",
     )
     _add_common(demo, model=False)
-    demo.set_defaults(guidance=None)  # the model's own: 1.0 for the Shapes model, 6.0 with --random-weights
+    demo.set_defaults(guidance=None)  # the model's own: 3.0 for the Shapes model, 6.0 with --random-weights
     demo.add_argument("--random-weights", action="store_true", help="a tiny random-weight CogVideoX (noise: the machinery only)")
     demo.add_argument("--style", default="5b", choices=("5b", "2b", "1.5"), help="--random-weights model style (default: 5b)")
     demo.add_argument("--scenes-per-window", type=int, default=3, help="scenes generated at once, >= 2 (default: 3)")

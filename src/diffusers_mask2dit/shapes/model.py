@@ -117,22 +117,10 @@ def build_transformer(latent_channels: int, seed: int = 0):
 
 
 def build_scheduler():
-    """CogVideoX-5b's scheduler configuration."""
-    from diffusers import CogVideoXDDIMScheduler
+    """CogVideoX-5b's scheduler configuration (the same one the tiny 5b-style models get)."""
+    from ..tiny import _tiny_scheduler
 
-    return CogVideoXDDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
-        snr_shift_scale=1.0,
-    )
+    return _tiny_scheduler("5b")
 
 
 def save_base_model(out: str, vae_path: str, seed: int = 0) -> str:
