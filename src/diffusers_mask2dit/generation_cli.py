@@ -479,15 +479,21 @@ def finish_pipeline(pipe, args: argparse.Namespace, device: str, dtype, descript
 
 def load_pipeline(args: argparse.Namespace, description: str = "denoising"):
     """The pipeline of ``--model`` (with ``--transformer``, ``--scheduler``, ``--lora``) on ``--device``."""
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    pipe = _from_pretrained(check_model_source(args.model), args, dtype, f"`--model`: could not load {args.model!r}")
+    return finish_pipeline(pipe, args, device, dtype, description)
+
+
+def _from_pretrained(source: str, args: argparse.Namespace, dtype, failure: str):
+    """``Mask2DiTPipeline.from_pretrained(source)`` with ``--transformer`` (if given) in place of the folder's own,
+    which is then never loaded; a folder that does not load is a ValueError starting with ``failure``."""
     from .pipeline import Mask2DiTPipeline
 
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
     components = {"transformer": load_transformer(args.transformer, dtype)} if args.transformer else {}
     try:
-        pipe = Mask2DiTPipeline.from_pretrained(check_model_source(args.model), dtype=dtype, **components)
+        return Mask2DiTPipeline.from_pretrained(source, dtype=dtype, **components)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"`--model`: could not load {args.model!r}: {one_line(error)}") from error
-    return finish_pipeline(pipe, args, device, dtype, description)
+        raise ValueError(f"{failure}: {one_line(error)}") from error
 
 
 def demo_defaults(args: argparse.Namespace, prompts: List[str]) -> List[str]:
@@ -513,14 +519,14 @@ def demo_pipeline(args: argparse.Namespace):
     from .pipeline import Mask2DiTPipeline
 
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    if args.random_weights:
-        from .tiny import build_tiny_components
-
-        components = build_tiny_components(style=args.style, seed=args.seed)
-    else:
+    if not args.random_weights:
         from .shapes.model import shipped_model_path
 
-        components = Mask2DiTPipeline.from_pretrained(shipped_model_path(), dtype=dtype).components
+        pipe = _from_pretrained(shipped_model_path(), args, dtype, "the Shapes model shipped in the package could not be loaded")
+        return finish_pipeline(pipe, args, device, dtype, "demo")
+    from .tiny import build_tiny_components
+
+    components = build_tiny_components(style=args.style, seed=args.seed)
     if args.transformer:
         components["transformer"] = load_transformer(args.transformer, dtype)
     return finish_pipeline(Mask2DiTPipeline(**components), args, device, dtype, "demo")
