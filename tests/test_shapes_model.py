@@ -143,3 +143,25 @@ def test_ablation_script_writes_the_table_once_per_condition(tmp_path, monkeypat
         monkeypatch.setattr(ablation, name, no_generation)
     assert ablation.main(args) == 0
     assert json.loads((tmp_path / "out" / "ablation.json").read_text())["summary"] == result["summary"]
+
+
+def test_ablation_cache_reuses_only_results_of_the_same_settings(tmp_path):
+    calls = []
+
+    def compute(value):
+        def make():
+            calls.append(value)
+            return {"value": np.float32(value)}, torch.full((2,), float(value))
+        return make
+
+    first = ablation.ConditionCache(str(tmp_path), {"num_samples": 2})
+    assert first.get("v2", compute(1), with_latents=True)[0] == {"value": 1.0}
+    result, latents = ablation.ConditionCache(str(tmp_path), {"num_samples": 2}).get("v2", compute(2), with_latents=True)
+    assert calls == [1] and result == {"value": 1.0} and torch.equal(latents, torch.full((2,), 1.0))
+    # Other settings: both the results and the latents are made again, never mixed with the old ones.
+    result, latents = ablation.ConditionCache(str(tmp_path), {"num_samples": 3}).get("v2", compute(3), with_latents=True)
+    assert calls == [1, 3] and result == {"value": 3.0} and torch.equal(latents, torch.full((2,), 3.0))
+    # Results whose latents are missing are made again too.
+    os.remove(tmp_path / "conditions" / "v2_latents.safetensors")
+    assert ablation.ConditionCache(str(tmp_path), {"num_samples": 3}).get("v2", compute(4), with_latents=True)[0] == {"value": 4.0}
+    assert calls == [1, 3, 4]

@@ -27,7 +27,7 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -257,62 +257,79 @@ def _plain(value: Any) -> Any:
 
 
 class ConditionCache:
-    """Each condition's per-sample results in ``<out>/conditions/<name>.json`` (and the v2 latents that extension
-    continues from), written atomically: a later run reuses them, so the script resumes, and the conditions that
-    need only the v2 model can run while the other variants still train."""
+    """Each condition's per-sample results in ``<out>/conditions/<name>.json`` (for v2 also the latents that
+    extension continues from, ``v2_latents.safetensors``), written atomically: a later run with the same settings
+    reuses them, so the script resumes, and the conditions that need only the v2 model can run while the other
+    variants still train."""
 
     def __init__(self, out: str, settings: Dict[str, Any]):
         self.folder = os.path.join(out, "conditions")
         self.settings = json.loads(json.dumps(settings))  # results of other samples or sampling options are not reused
         os.makedirs(self.folder, exist_ok=True)
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self.folder, name + (".safetensors" if name.endswith("latents") else ".json"))
+    def _paths(self, name: str) -> Tuple[str, str]:
+        return os.path.join(self.folder, f"{name}.json"), os.path.join(self.folder, f"{name}_latents.safetensors")
 
-    def get(self, name: str, compute) -> Any:
-        path = self._path(name)
-        if os.path.isfile(path):
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
+    def _load(self, name: str, with_latents: bool) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
+        """The saved ``(result, latents)`` of ``name`` if both were made with these settings, else None."""
+        from safetensors import safe_open
 
-                return load_file(path)["latents"]
-            with open(path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-            if saved["settings"] == self.settings:
-                return saved["result"]
+        results_path, latents_path = self._paths(name)
+        if not os.path.isfile(results_path):
+            return None
+        with open(results_path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved["settings"] != self.settings:
+            return None
+        if not with_latents:
+            return saved["result"], None
+        if not os.path.isfile(latents_path):
+            return None
+        with safe_open(latents_path, framework="pt") as handle:
+            if json.loads((handle.metadata() or {}).get("settings", "null")) != self.settings:
+                return None
+            return saved["result"], handle.get_tensor("latents")
+
+    def get(self, name: str, compute, with_latents: bool = False) -> Tuple[Any, Optional[torch.Tensor]]:
+        """``(result, latents)`` of ``name``: saved, or ``compute()`` (which returns the same pair) made and saved.
+        The latents are written before the results, so results that pass the settings check have their latents."""
+        saved = self._load(name, with_latents)
+        if saved is not None:
+            return saved
+        from safetensors.torch import save_file
+
         started = time.time()
-        result = compute()
-        if not path.endswith(".safetensors"):  # what a later run reads back: plain JSON types
-            result = json.loads(json.dumps(result, default=_plain))
-        temporary = path + ".tmp"
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file({"latents": result.contiguous()}, temporary)
-        else:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump({"settings": self.settings, "seconds": round(time.time() - started, 1), "result": result}, handle)
-        os.replace(temporary, path)
-        return result
+        result, latents = compute()
+        result = json.loads(json.dumps(result, default=_plain))  # what a later run reads back: plain JSON types
+        results_path, latents_path = self._paths(name)
+        if with_latents:
+            save_file({"latents": latents.contiguous()}, latents_path + ".tmp", metadata={"settings": json.dumps(self.settings)})
+            os.replace(latents_path + ".tmp", latents_path)
+        with open(results_path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump({"settings": self.settings, "seconds": round(time.time() - started, 1), "result": result}, handle)
+        os.replace(results_path + ".tmp", results_path)
+        return result, latents
 
 
 def _condition(cache: ConditionCache, pipes, name: str, samples: List[int], long_samples: int, batch_size: int):
     """One condition's per-sample results (from the cache when made before)."""
     if name in MASK_VARIANTS:
-        def multiscene():
-            result = run_multiscene(pipes(name), name, samples, batch_size)
-            if name == "v2":
-                cache.get("v2_latents", lambda: result["latents"])
-            return {"prompts": result["prompts"], "samples": result["samples"]}
-
-        return cache.get(name, multiscene)
+        return _multiscene(cache, pipes, name, samples, batch_size)[0]
     if name == "separate":
-        return cache.get(name, lambda: run_separate(pipes("v2"), samples, batch_size))
+        return cache.get(name, lambda: (run_separate(pipes("v2"), samples, batch_size), None))[0]
     if name == "extend":
-        _condition(cache, pipes, "v2", samples, long_samples, batch_size)
-        latents = cache.get("v2_latents", lambda: None)
-        return cache.get(name, lambda: run_extend(pipes("v2"), samples, latents, batch_size))
-    return cache.get(name, lambda: run_generate_long(pipes("v2"), list(range(long_samples)), 6, batch_size))
+        latents = _multiscene(cache, pipes, "v2", samples, batch_size)[1]
+        return cache.get(name, lambda: (run_extend(pipes("v2"), samples, latents, batch_size), None))[0]
+    return cache.get(name, lambda: (run_generate_long(pipes("v2"), list(range(long_samples)), 6, batch_size), None))[0]
+
+
+def _multiscene(cache: ConditionCache, pipes, variant: str, samples: List[int], batch_size: int):
+    """``(results, latents)`` of a mask variant's samples; the latents are kept for v2 only (extension's context)."""
+    def compute():
+        made = run_multiscene(pipes(variant), variant, samples, batch_size)
+        return {"prompts": made["prompts"], "samples": made["samples"]}, made["latents"]
+
+    return cache.get(variant, compute, with_latents=variant == "v2")
 
 
 def run_ablation(run: str, out: str, num_samples: int = 200, long_samples: int = 100, batch_size: int = 16,
