@@ -73,6 +73,22 @@ def test_build_from_a_saved_pipeline(saved_pipeline, tmp_path):
     assert "Scene mask: `v3`" in card and "{{" not in card and str(tmp_path) not in card
 
 
+def test_build_never_publishes_the_folders_models_were_loaded_from(saved_pipeline, tmp_path):
+    """diffusers saves `_name_or_path` (the local folder a component was loaded from) in every config."""
+    from diffusers_mask2dit import Mask2DiTPipeline
+
+    resaved = tmp_path / "resaved"
+    Mask2DiTPipeline.from_pretrained(saved_pipeline).save_pretrained(resaved)
+    assert str(saved_pipeline) in (resaved / "transformer" / "config.json").read_text()
+    out = tmp_path / "hub"
+    build_hub_folder(resaved, out, repo_id="me/mask2dit-ft", base_model="THUDM/CogVideoX-5b")
+    configs = [out / "model_index.json"] + sorted(out.glob("*/config.json"))
+    assert len(configs) >= 4
+    for path in configs:
+        text = path.read_text()
+        assert "_name_or_path" not in text and str(saved_pipeline) not in text, path
+
+
 HIDDEN_SCRIPT = textwrap.dedent(
     '''
     import importlib.abc, os, sys

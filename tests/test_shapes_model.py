@@ -118,18 +118,19 @@ def test_ablation_script_writes_the_table_once_per_condition(tmp_path, monkeypat
     table, plot and README section; a second run reuses every condition instead of generating again."""
     run = tmp_path / "run"
     run.mkdir()
-    for variant in ablation.MASK_VARIANTS:
-        (run / f"model-{variant}").symlink_to(shapes_model.shipped_model_path())
+    for name in ablation.MASK_VARIANTS + (ablation.SHIPPED,):
+        (run / f"model-{name}").symlink_to(shapes_model.shipped_model_path())
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{ablation.README_START}\nold\n{ablation.README_END}\nrest\n")
     fast = shapes_model.generation_kwargs
     monkeypatch.setattr(shapes_model, "generation_kwargs", lambda **o: fast(**{"num_inference_steps": 2, **o}))
     args = ["--run", str(run), "--out", str(tmp_path / "out"), "--samples", "2", "--long-samples", "1", "--batch-size", "2"]
-    assert ablation.main(args + ["--conditions", "v2", "extend"]) == 0
+    assert ablation.main(args + ["--conditions", "shipped", "extend"]) == 0
     assert not (tmp_path / "out" / "ablation.json").exists()  # not all conditions made yet
     assert ablation.main(args + ["--readme", str(readme)]) == 0
     result = json.loads((tmp_path / "out" / "ablation.json").read_text())
-    assert set(result["summary"]["conditions"]) == {"v1", "v2", "v3", "full", "separate"}
+    assert set(result["summary"]["conditions"]) == {"v1", "v2", "v3", "full", "separate", "shipped"}
+    assert len(set(result["meta"]["weights"].values())) == 1  # one folder stands in for all
     assert result["summary"]["conditions"]["v2"]["prompt_accuracy"]["n"] == 2
     assert result["summary"]["extension"]["long_follows_prompt"]["n"] == 1
     text = readme.read_text()
@@ -165,3 +166,28 @@ def test_ablation_cache_reuses_only_results_of_the_same_settings(tmp_path):
     os.remove(tmp_path / "conditions" / "v2_latents.safetensors")
     assert ablation.ConditionCache(str(tmp_path), {"num_samples": 3}).get("v2", compute(4), with_latents=True)[0] == {"value": 4.0}
     assert calls == [1, 3, 4]
+    # Other weights (a condition's ``inputs``): made again as well.
+    cache = ablation.ConditionCache(str(tmp_path), {"num_samples": 3})
+    assert cache.get("v2", compute(5), with_latents=True, inputs={"weights": "a"})[0] == {"value": 5.0}
+    assert cache.get("v2", compute(6), with_latents=True, inputs={"weights": "a"})[0] == {"value": 5.0}
+    assert cache.get("v2", compute(7), with_latents=True, inputs={"weights": "b"})[0] == {"value": 7.0}
+    assert calls == [1, 3, 4, 5, 7]
+
+
+def test_weights_fingerprint_changes_with_any_weight_byte(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"abc")
+    (folder / "transformer" / "config.json").write_text("{}")
+    first = ablation.weights_fingerprint(str(folder))
+    (folder / "transformer" / "config.json").write_text('{"other": 1}')  # not a weight
+    assert ablation.weights_fingerprint(str(folder)) == first
+    weights.write_bytes(b"abd")
+    assert ablation.weights_fingerprint(str(folder)) != first
+
+
+def test_ablation_names_a_missing_model_folder(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match="model-v1/.*--variants v1"):
+        ablation.RunModels(str(tmp_path / "run")).pipe("v1")

@@ -13,18 +13,24 @@ from diffusers_mask2dit.shapes import retrain, world
 
 def test_retrain_smoke_run_builds_a_loadable_model(tmp_path):
     out = tmp_path / "run"
-    timings = retrain.retrain(str(out), variants=["v2", "v1"], recipe=retrain.Recipe.smoke(), in_process=True)
-    for step in ("data", "vae", "base", "precompute pretrain", "precompute sft", "train pretrain", "train sft v2",
-                 "assemble v2", "train sft v1", "assemble v1"):
+    recipe = retrain.Recipe.smoke()
+    timings = retrain.retrain(str(out), variants=["shipped", "v1"], recipe=recipe, in_process=True)
+    for step in ("data", "vae", "base", "precompute pretrain", "precompute sft", "train pretrain", "train sft shipped",
+                 "assemble shipped", "train sft v1", "assemble v1"):
         assert step in timings
-    with open(out / "configs" / "train-sft-v1.json") as handle:
-        sft = json.load(handle)
-    assert sft["stage"] == "sft" and sft["cond_prob"] == 0.5 and sft["mask_variant"] == "v1"
-    assert sft["transformer_path"].endswith(os.path.join("train", "pretrain", "transformer"))
+    configs = {}
+    for name in ("shipped", "v1"):
+        with open(out / "configs" / f"train-sft-{name}.json") as handle:
+            configs[name] = json.load(handle)
+        assert configs[name]["stage"] == "sft" and configs[name]["cond_prob"] == 0.5
+        assert configs[name]["transformer_path"].endswith(os.path.join("train", "pretrain", "transformer"))
+    # The ablation's variants get the equal budget; the shipped model is the v2 mask trained longer.
+    assert configs["v1"]["mask_variant"] == "v1" and configs["v1"]["max_train_steps"] == recipe.sft["max_train_steps"]
+    assert configs["shipped"]["mask_variant"] == "v2" and configs["shipped"]["max_train_steps"] == recipe.shipped_sft_steps
     with open(out / "vae" / "vae_report.json") as handle:
         assert json.load(handle)["held_out_clips"] == 2
 
-    pipe = shapes_model.load_pipeline(str(out / "model-v2"))
+    pipe = shapes_model.load_pipeline(str(out / "model-shipped"))
     assert pipe.transformer.config.attn_mask_variant == "v2"
     assert pipe.transformer.config.max_text_seq_length == shapes_model.MAX_SEQUENCE_LENGTH
     prompts = world.all_prompts()[:3]
@@ -36,13 +42,17 @@ def test_retrain_smoke_run_builds_a_loadable_model(tmp_path):
 
     # A second call finds every step done and changes nothing.
     before = sorted(os.listdir(out / "train"))
-    assert retrain.retrain(str(out), variants=["v2"], recipe=retrain.Recipe.smoke(), in_process=True) == timings
+    assert retrain.retrain(str(out), variants=["shipped"], recipe=retrain.Recipe.smoke(), in_process=True) == timings
     assert sorted(os.listdir(out / "train")) == before
 
-    installed = retrain.install(str(out / "model-v2"), str(tmp_path / "installed"))
+    installed = retrain.install(str(out / "model-shipped"), str(tmp_path / "installed"))
     files = [os.path.join(r, f) for r, _, fs in os.walk(installed) for f in fs]
     assert all(f.endswith((".json", ".safetensors")) for f in files)
     assert any(f.endswith(os.path.join("transformer", "diffusion_pytorch_model.safetensors")) for f in files)
+    for name in files:  # no local path of the training machine is shipped
+        if name.endswith(".json"):
+            with open(name) as handle:
+                assert str(tmp_path) not in handle.read(), name
 
 
 def test_tokenizer_reads_every_world_word_as_one_piece():

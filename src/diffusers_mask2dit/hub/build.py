@@ -208,6 +208,25 @@ def _normalised_index(index: Mapping[str, Any], source: Path) -> Dict[str, Any]:
     return out
 
 
+def strip_load_paths(folder: os.PathLike | str) -> List[str]:
+    """Drop ``_name_or_path`` from ``model_index.json`` and every ``<component>/config.json`` under ``folder``.
+
+    diffusers and transformers save there the folder a model was loaded from: on a publisher's machine a local path,
+    which must never reach the Hub (and loading does not read it). Returns the rewritten files, relative."""
+    folder = Path(folder)
+    rewritten = []
+    for path in [folder / "model_index.json"] + sorted(folder.glob("*/config.json")):
+        if not path.is_file():
+            continue
+        data = _read_json(path)
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            path.unlink()  # may be a hard link to the source: never write through it
+            _write_json(path, data)
+            rewritten.append(path.relative_to(folder).as_posix())
+    return rewritten
+
+
 def _components(index: Mapping[str, Any]) -> List[str]:
     return [
         key for key, value in index.items()
@@ -452,6 +471,7 @@ def build_hub_folder(
     _prepare_out(model, out, overwrite)
     try:
         conversion = _write_weights(model, out, inputs, link, verify, notes)
+        strip_load_paths(out)
     except (ConversionError, BuildError, UnsafePathError) as error:
         shutil.rmtree(out, ignore_errors=True)
         raise BuildError(str(error)) from None

@@ -4,13 +4,15 @@
 
 Conditions, each on the same held-out 3-scene samples (prompts and noise from seeds the training never used):
 
-- ``v1``, ``v2``, ``v3``, ``full``: the model trained (SFT stage) with that mask, sampling with the same mask;
+- ``v1``, ``v2``, ``v3``, ``full``: the model trained (SFT stage) with that mask, sampling with the same mask; the
+  four share one training budget (``model-<variant>`` of the run);
 - ``separate``: "one prompt per separate generation": every scene generated alone (n = 1) by the v2 model, i.e.
   plain CogVideoX sampling, with its own noise;
-- ``extend``: a 4th scene added by ``Mask2DiTPipeline.extend`` to the v2 samples (context: their last 2 scenes,
-  as latents), with a new prompt;
-- ``generate_long``: 6-scene videos by ``Mask2DiTPipeline.generate_long`` (first 3 scenes together, then one at
-  a time over a window of 3).
+- ``shipped``: the package's model (``model-shipped``: the v2 mask with a longer SFT stage), sampling with v2;
+- ``extend``: a 4th scene added by ``Mask2DiTPipeline.extend`` to the shipped model's samples (context: their last
+  2 scenes, as latents), with a new prompt;
+- ``generate_long``: 6-scene videos by the shipped model's ``Mask2DiTPipeline.generate_long`` (first 3 scenes
+  together, then one at a time over a window of 3).
 
 Metrics (from decoded pixels, :mod:`.score`): prompt accuracy (share of scenes with colour, shape and direction
 right), identity consistency (share of scene pairs with the same background), and the paper's visual, semantic
@@ -24,6 +26,7 @@ into ``README.md`` between the ``shapes-ablation`` markers when ``--readme`` is 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -40,6 +43,8 @@ from . import score, world
 EVAL_SEED = 2_000_003  # world seeds (EVAL_SEED, sample): prompts of held-out samples; the training used seed 0
 NOISE_SEED = 50_000_000  # torch seeds NOISE_SEED + 16 * sample + k: initial noise of held-out samples
 MASK_VARIANTS = ("v1", "v2", "v3", "full")
+SHIPPED = "shipped"
+TABLE_ROWS = MASK_VARIANTS + ("separate", SHIPPED)
 PAPER_METRICS = ("visual_consistency", "semantic_consistency", "sequence_consistency")
 README_START = "<!-- shapes-ablation:start -->"
 README_END = "<!-- shapes-ablation:end -->"
@@ -107,7 +112,7 @@ def run_separate(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any
 
 
 def run_extend(pipe, samples: Sequence[int], context_latents: torch.Tensor, batch_size: int) -> Dict[str, Any]:
-    """A 4th scene for each v2 sample by ``extend``, its context the sample's last two scenes (latents)."""
+    """A 4th scene for each sample by ``extend``, its context the sample's last two scenes (``context_latents``)."""
     records = []
     for start in range(0, len(samples), batch_size):
         batch = list(samples[start : start + batch_size])
@@ -185,6 +190,12 @@ def markdown_table(summary: Dict[str, Any], meta: Dict[str, Any]) -> str:
         "(Student-t over samples). Prompt accuracy: % of scenes whose colour, shape and direction are right; "
         "identity: % of scene pairs with the same background (chance 16.7); visual / semantic / sequence: the "
         "paper's metrics with the `ShapesEncoder` (semantic 70.7 = every prompt word shown).",
+    ]
+    steps = meta.get("sft_steps", {})
+    if steps:
+        lines.append("SFT steps: " + ", ".join(f"{name} {steps[name]:,}" for name in MASK_VARIANTS + (SHIPPED,) if name in steps)
+                     + " (separate: the v2 model; shipped: the package's model, the v2 mask trained longer).")
+    lines += [
         "",
         "| condition | prompt accuracy | identity consistency | visual | semantic | sequence |",
         "|---|---|---|---|---|---|",
@@ -197,7 +208,7 @@ def markdown_table(summary: Dict[str, Any], meta: Dict[str, Any]) -> str:
     ext = summary["extension"]
     lines += [
         "",
-        "| extension (v2 model) | follows its prompt | keeps the context's background |",
+        "| extension (shipped model) | follows its prompt | keeps the context's background |",
         "|---|---|---|",
         f"| 4th scene by `extend` ({ext['extend_follows_prompt']['n']} samples) | {_fmt(ext['extend_follows_prompt'])} | "
         f"{_fmt(ext['extend_keeps_background'])} |",
@@ -248,7 +259,24 @@ def insert_readme(readme: str, table: str) -> None:
         handle.write(head + README_START + "\n" + table + README_END + tail)
 
 
-CONDITIONS = MASK_VARIANTS + ("separate", "extend", "generate_long")
+CONDITIONS = TABLE_ROWS + ("extend", "generate_long")
+MODEL_OF_CONDITION = {**{v: v for v in MASK_VARIANTS}, "separate": "v2", SHIPPED: SHIPPED, "extend": SHIPPED,
+                      "generate_long": SHIPPED}
+
+
+def weights_fingerprint(folder: str) -> str:
+    """SHA-256 over the relative paths and bytes of every ``.safetensors`` file under ``folder``: cached results are
+    reused only for the weights they were made with."""
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"{folder} has no .safetensors weights (expected a model folder saved by the pipeline).")
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.relpath(path, folder).encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -257,10 +285,10 @@ def _plain(value: Any) -> Any:
 
 
 class ConditionCache:
-    """Each condition's per-sample results in ``<out>/conditions/<name>.json`` (for v2 also the latents that
-    extension continues from, ``v2_latents.safetensors``), written atomically: a later run with the same settings
-    reuses them, so the script resumes, and the conditions that need only the v2 model can run while the other
-    variants still train."""
+    """Each condition's per-sample results in ``<out>/conditions/<name>.json`` (for the shipped model also the
+    latents that extension continues from, ``shipped_latents.safetensors``), written atomically: a later run with the
+    same settings (sampling options, and per condition the fingerprint of the weights it used, ``inputs``) reuses
+    them, so the script resumes, and the conditions of one model can run while the others still train."""
 
     def __init__(self, out: str, settings: Dict[str, Any]):
         self.folder = os.path.join(out, "conditions")
@@ -270,8 +298,8 @@ class ConditionCache:
     def _paths(self, name: str) -> Tuple[str, str]:
         return os.path.join(self.folder, f"{name}.json"), os.path.join(self.folder, f"{name}_latents.safetensors")
 
-    def _load(self, name: str, with_latents: bool) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
-        """The saved ``(result, latents)`` of ``name`` if both were made with these settings, else None."""
+    def _load(self, name: str, settings: Dict[str, Any], with_latents: bool) -> Optional[Tuple[Any, Optional[torch.Tensor]]]:
+        """The saved ``(result, latents)`` of ``name`` if both were made with ``settings``, else None."""
         from safetensors import safe_open
 
         results_path, latents_path = self._paths(name)
@@ -279,21 +307,23 @@ class ConditionCache:
             return None
         with open(results_path, encoding="utf-8") as handle:
             saved = json.load(handle)
-        if saved["settings"] != self.settings:
+        if saved["settings"] != settings:
             return None
         if not with_latents:
             return saved["result"], None
         if not os.path.isfile(latents_path):
             return None
         with safe_open(latents_path, framework="pt") as handle:
-            if json.loads((handle.metadata() or {}).get("settings", "null")) != self.settings:
+            if json.loads((handle.metadata() or {}).get("settings", "null")) != settings:
                 return None
             return saved["result"], handle.get_tensor("latents")
 
-    def get(self, name: str, compute, with_latents: bool = False) -> Tuple[Any, Optional[torch.Tensor]]:
+    def get(self, name: str, compute, with_latents: bool = False,
+            inputs: Optional[Dict[str, Any]] = None) -> Tuple[Any, Optional[torch.Tensor]]:
         """``(result, latents)`` of ``name``: saved, or ``compute()`` (which returns the same pair) made and saved.
         The latents are written before the results, so results that pass the settings check have their latents."""
-        saved = self._load(name, with_latents)
+        settings = json.loads(json.dumps({**self.settings, **(inputs or {})}))
+        saved = self._load(name, settings, with_latents)
         if saved is not None:
             return saved
         from safetensors.torch import save_file
@@ -303,33 +333,79 @@ class ConditionCache:
         result = json.loads(json.dumps(result, default=_plain))  # what a later run reads back: plain JSON types
         results_path, latents_path = self._paths(name)
         if with_latents:
-            save_file({"latents": latents.contiguous()}, latents_path + ".tmp", metadata={"settings": json.dumps(self.settings)})
+            save_file({"latents": latents.contiguous()}, latents_path + ".tmp", metadata={"settings": json.dumps(settings)})
             os.replace(latents_path + ".tmp", latents_path)
         with open(results_path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump({"settings": self.settings, "seconds": round(time.time() - started, 1), "result": result}, handle)
+            json.dump({"settings": settings, "seconds": round(time.time() - started, 1), "result": result}, handle)
         os.replace(results_path + ".tmp", results_path)
         return result, latents
 
 
-def _condition(cache: ConditionCache, pipes, name: str, samples: List[int], long_samples: int, batch_size: int):
+class RunModels:
+    """The run's model folders ``model-<name>``, each loaded once, with the fingerprint of its weights."""
+
+    def __init__(self, run: str):
+        self.run = os.path.abspath(run)
+        self._pipes: Dict[str, Any] = {}
+        self._fingerprints: Dict[str, str] = {}
+
+    def folder(self, name: str) -> str:
+        folder = os.path.join(self.run, f"model-{name}")
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise FileNotFoundError(
+                f"`--run` {self.run} has no model-{name}/ (train it with `python -m diffusers_mask2dit.shapes.retrain "
+                f"--out {self.run} --variants {name}`)."
+            )
+        return folder
+
+    def pipe(self, name: str):
+        if name not in self._pipes:
+            self._pipes[name] = shapes_model.load_pipeline(self.folder(name))
+        return self._pipes[name]
+
+    def inputs(self, condition: str) -> Dict[str, str]:
+        """What a condition's results depend on besides the sampling settings: its model's weights."""
+        name = MODEL_OF_CONDITION[condition]
+        if name not in self._fingerprints:
+            self._fingerprints[name] = weights_fingerprint(self.folder(name))
+        return {"model": name, "weights": self._fingerprints[name]}
+
+    def sft_steps(self) -> Dict[str, int]:
+        """Stage-2 steps of each model, from the run's training configs (when the run has them)."""
+        steps = {}
+        for name in MASK_VARIANTS + (SHIPPED,):
+            path = os.path.join(self.run, "configs", f"train-sft-{name}.json")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as handle:
+                    steps[name] = json.load(handle)["max_train_steps"]
+        return steps
+
+
+def _condition(cache: ConditionCache, models: RunModels, name: str, samples: List[int], long_samples: int, batch_size: int):
     """One condition's per-sample results (from the cache when made before)."""
-    if name in MASK_VARIANTS:
-        return _multiscene(cache, pipes, name, samples, batch_size)[0]
+    if name in MASK_VARIANTS + (SHIPPED,):
+        return _multiscene(cache, models, name, samples, batch_size)[0]
+    inputs = models.inputs(name)
+
+    def pipe():  # loaded only when the cache has no result
+        return models.pipe(MODEL_OF_CONDITION[name])
+
     if name == "separate":
-        return cache.get(name, lambda: (run_separate(pipes("v2"), samples, batch_size), None))[0]
+        return cache.get(name, lambda: (run_separate(pipe(), samples, batch_size), None), inputs=inputs)[0]
     if name == "extend":
-        latents = _multiscene(cache, pipes, "v2", samples, batch_size)[1]
-        return cache.get(name, lambda: (run_extend(pipes("v2"), samples, latents, batch_size), None))[0]
-    return cache.get(name, lambda: (run_generate_long(pipes("v2"), list(range(long_samples)), 6, batch_size), None))[0]
+        latents = _multiscene(cache, models, SHIPPED, samples, batch_size)[1]
+        return cache.get(name, lambda: (run_extend(pipe(), samples, latents, batch_size), None), inputs=inputs)[0]
+    return cache.get(name, lambda: (run_generate_long(pipe(), list(range(long_samples)), 6, batch_size), None), inputs=inputs)[0]
 
 
-def _multiscene(cache: ConditionCache, pipes, variant: str, samples: List[int], batch_size: int):
-    """``(results, latents)`` of a mask variant's samples; the latents are kept for v2 only (extension's context)."""
+def _multiscene(cache: ConditionCache, models: RunModels, name: str, samples: List[int], batch_size: int):
+    """``(results, latents)`` of a model's 3-scene samples, sampled with its mask (the shipped model: v2); the latents
+    are kept for the shipped model only (extension's context)."""
     def compute():
-        made = run_multiscene(pipes(variant), variant, samples, batch_size)
+        made = run_multiscene(models.pipe(name), "v2" if name == SHIPPED else name, samples, batch_size)
         return {"prompts": made["prompts"], "samples": made["samples"]}, made["latents"]
 
-    return cache.get(variant, compute, with_latents=variant == "v2")
+    return cache.get(name, compute, with_latents=name == SHIPPED, inputs=models.inputs(name))
 
 
 def run_ablation(run: str, out: str, num_samples: int = 200, long_samples: int = 100, batch_size: int = 16,
@@ -340,25 +416,21 @@ def run_ablation(run: str, out: str, num_samples: int = 200, long_samples: int =
     settings = {"num_samples": num_samples, "long_samples": long_samples, "eval_seed": EVAL_SEED, "noise_seed": NOISE_SEED,
                 "generation": shapes_model.generation_kwargs()}
     cache = ConditionCache(out, settings)
-    loaded: Dict[str, Any] = {}
-
-    def pipes(variant: str):
-        if variant not in loaded:
-            loaded[variant] = shapes_model.load_pipeline(os.path.join(run, f"model-{variant}"))
-        return loaded[variant]
+    models = RunModels(run)
 
     from tqdm.auto import tqdm
 
     details = {}
     for name in tqdm(conditions, desc="ablation conditions"):
-        details[name] = _condition(cache, pipes, name, samples, long_samples, batch_size)
+        details[name] = _condition(cache, models, name, samples, long_samples, batch_size)
     if set(details) != set(CONDITIONS):
         return None
     summary = {
-        "conditions": {name: summarize_condition(details[name]["samples"]) for name in MASK_VARIANTS + ("separate",)},
+        "conditions": {name: summarize_condition(details[name]["samples"]) for name in TABLE_ROWS},
         "extension": summarize_extension(details["extend"], details["generate_long"]),
     }
-    meta = {**settings, "run": os.path.abspath(run)}
+    meta = {**settings, "run": models.run, "sft_steps": models.sft_steps(),
+            "weights": {name: models.inputs(name)["weights"] for name in MASK_VARIANTS + (SHIPPED,)}}
     with open(os.path.join(out, "ablation.json"), "w", encoding="utf-8") as handle:
         json.dump({"meta": meta, "summary": summary, "details": details}, handle, indent=1, default=str)
     table = markdown_table(summary, meta)
@@ -372,7 +444,8 @@ def run_ablation(run: str, out: str, num_samples: int = 200, long_samples: int =
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffusers_mask2dit.shapes.ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="retrain run folder with model-v1, model-v2, model-v3, model-full")
+    parser.add_argument("--run", required=True,
+                        help="retrain run folder with model-v1, model-v2, model-v3, model-full and model-shipped")
     parser.add_argument("--out", required=True, help="folder for ablation.json, ablation.md, ablation.png")
     parser.add_argument("--samples", type=int, default=200, help="held-out 3-scene samples per condition (default 200)")
     parser.add_argument("--long-samples", type=int, default=100, help="6-scene generate_long videos (default 100)")

@@ -1,8 +1,8 @@
 """Retrain the Shapes model from scratch, reproducibly, on a CPU: one command, resumable.
 
-    python -m diffusers_mask2dit.shapes.retrain --out runs/shapes            # data, VAE, v2 model -> runs/shapes/model-v2
-    python -m diffusers_mask2dit.shapes.retrain --out runs/shapes --variants v2 v1 v3 full   # + the ablation's models
-    python -m diffusers_mask2dit.shapes.retrain --out runs/shapes --install  # copy model-v2 into the package
+    python -m diffusers_mask2dit.shapes.retrain --out runs/shapes            # data, VAE, shipped model -> model-shipped
+    python -m diffusers_mask2dit.shapes.retrain --out runs/shapes --variants shipped v2 v1 v3 full   # + the ablation's
+    python -m diffusers_mask2dit.shapes.retrain --out runs/shapes --install  # copy model-shipped into the package
 
 Steps (each skipped when its output exists, so an interrupted run continues where it stopped; the trainer itself
 resumes from its last checkpoint):
@@ -14,7 +14,8 @@ resumes from its last checkpoint):
 4. ``mask2dit precompute`` of both stages' clips (VAE posterior and T5 embeddings, float32);
 5. ``mask2dit train`` stage ``pretrain`` (n unrelated scenes per sample, mask v2), then for every variant stage
    ``sft`` (n scenes of one video, conditional samples with ``cond_prob`` 0.5) from the pretrained transformer
-   with that variant's mask: the ablation's variants share stage 1 and get the same stage-2 budget;
+   with that variant's mask: the ablation's variants share stage 1 and get the same stage-2 budget. ``shipped`` is
+   the v2 mask with a longer stage 2 (``Recipe.shipped_sft_steps``): the model the package ships;
 6. ``model-<variant>/``: the base folder with the trained transformer, loadable by ``Mask2DiTPipeline``.
 
 The configs passed to ``mask2dit`` are written to ``configs/`` and the wall-clock of each step to
@@ -36,7 +37,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import model as shapes_model
 from . import world
 
-VARIANTS = ("v2", "v1", "v3", "full")
+ABLATION_VARIANTS = ("v2", "v1", "v3", "full")  # one stage-2 budget for all: the ablation compares masks
+SHIPPED = "shipped"  # the v2 mask trained longer in stage 2: the package's model
+VARIANTS = (SHIPPED,) + ABLATION_VARIANTS
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Recipe:
         stage="sft", cond_prob=0.5, max_train_steps=3000, learning_rate=5e-4, lr_scheduler="cosine", lr_warmup_steps=100,
         caption_dropout=0.1,
     ))
+    shipped_sft_steps: int = 10000  # stage 2 of the shipped model (same settings as `sft` otherwise)
 
     @classmethod
     def smoke(cls) -> "Recipe":
@@ -69,6 +73,7 @@ class Recipe:
         recipe.common.update(train_batch_size=1, checkpointing_steps=2)
         recipe.pretrain.update(max_train_steps=2, lr_warmup_steps=0)
         recipe.sft.update(max_train_steps=2, lr_warmup_steps=0)
+        recipe.shipped_sft_steps = 3
         return recipe
 
 
@@ -133,15 +138,18 @@ class Run:
 
 
 def stage_configs(run: Run, recipe: Recipe, variant: str) -> Dict[str, Dict[str, Any]]:
-    """The precompute and training configs of both stages (SFT with ``variant``'s mask)."""
+    """The precompute and training configs of both stages (SFT with ``variant``'s mask; ``shipped``: the v2 mask for
+    ``recipe.shipped_sft_steps``)."""
     base = run.path("base")
     data = run.path("data")
     common = dict(recipe.common, num_scenes=recipe.num_scenes)
     pretrain = dict(common, **recipe.pretrain, pretrained_model_name_or_path=base, data_file=os.path.join(data, "pretrain.csv"),
                     cache_dir=run.path("cache", "pretrain"), output_dir=run.path("train", "pretrain"))
-    sft = dict(common, **recipe.sft, mask_variant=variant, pretrained_model_name_or_path=base, data_file=os.path.join(data, "sft.json"),
+    sft = dict(common, **recipe.sft, pretrained_model_name_or_path=base, data_file=os.path.join(data, "sft.json"),
                cache_dir=run.path("cache", "sft"), output_dir=run.path("train", f"sft-{variant}"),
-               transformer_path=run.path("train", "pretrain", "transformer"))
+               transformer_path=run.path("train", "pretrain", "transformer"), mask_variant=variant)
+    if variant == SHIPPED:
+        sft.update(mask_variant="v2", max_train_steps=recipe.shipped_sft_steps)
     return {"pretrain": pretrain, "sft": sft}
 
 
@@ -160,7 +168,7 @@ def assemble(run: Run, variant: str) -> None:
 
 def retrain(
     out: str,
-    variants: Sequence[str] = ("v2",),
+    variants: Sequence[str] = (SHIPPED,),
     threads: Optional[int] = None,
     recipe: Optional[Recipe] = None,
     in_process: bool = False,
@@ -202,11 +210,14 @@ def retrain(
 
 def install(model_dir: str, target: str = shapes_model.SHIPPED_MODEL_DIR) -> str:
     """Copy a trained model folder into the package (the shipped model), keeping only configs, safetensors and
-    tokenizer files."""
+    tokenizer files, without the local paths diffusers records in configs (`strip_load_paths`)."""
+    from ..hub.build import strip_load_paths
+
     keep = (".json", ".safetensors", ".model", ".txt")
     staging = target + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(model_dir, staging, ignore=lambda folder, names: [n for n in names if os.path.isfile(os.path.join(folder, n)) and not n.endswith(keep)])
+    strip_load_paths(staging)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target
@@ -218,8 +229,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Retrain the Shapes world's model (data, VAE, transformer with mask2dit train) from scratch.",
     )
     parser.add_argument("--out", required=True, help="run folder (resumable)")
-    parser.add_argument("--variants", nargs="+", default=["v2"], choices=VARIANTS,
-                        help="SFT mask variants to train (default: v2, the shipped model); all four for the ablation")
+    parser.add_argument("--variants", nargs="+", default=[SHIPPED], choices=VARIANTS,
+                        help="models to train (default: shipped, the v2 mask with the longer stage 2); "
+                             "v2 v1 v3 full: the ablation's masks at one equal budget")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the training processes")
     parser.add_argument("--install", action="store_true", help="copy model-<first variant> into the package afterwards")
     parser.add_argument("--stop-after", choices=("base", "precompute"), default=None, help="end the run after this step")
