@@ -193,8 +193,8 @@ def markdown_table(summary: Dict[str, Any], meta: Dict[str, Any]) -> str:
     ]
     steps = meta.get("sft_steps", {})
     if steps:
-        lines.append("SFT steps: " + ", ".join(f"{name} {steps[name]:,}" for name in MASK_VARIANTS + (SHIPPED,) if name in steps)
-                     + " (separate: the v2 model; shipped: the package's model, the v2 mask trained longer).")
+        lines += ["", "SFT steps: " + ", ".join(f"{name} {steps[name]:,}" for name in MASK_VARIANTS + (SHIPPED,) if name in steps)
+                  + " (separate: the v2 model; shipped: the package's model, the v2 mask trained longer)."]
     lines += [
         "",
         "| condition | prompt accuracy | identity consistency | visual | semantic | sequence |",
@@ -225,7 +225,8 @@ def plot(summary: Dict[str, Any], path: str) -> str:
 
     conditions = list(summary["conditions"])
     metrics = [("prompt_accuracy", (66, 133, 244)), ("identity_consistency", (234, 67, 53))]
-    width, height, left, bottom, top = 120 * len(conditions) + 80, 360, 50, 60, 30
+    legend = 110  # right margin for the chance line's label, clear of the bars
+    width, height, left, bottom, top = 120 * len(conditions) + 80 + legend, 360, 50, 60, 30
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     scale = (height - bottom - top) / 100.0
@@ -234,7 +235,7 @@ def plot(summary: Dict[str, Any], path: str) -> str:
         draw.line([(left, y(tick)), (width - 10, y(tick))], fill=(225, 225, 225))
         draw.text((10, y(tick) - 6), f"{tick:>3}", fill="black")
     draw.line([(left, y(100 / 6)), (width - 10, y(100 / 6))], fill=(234, 67, 53), width=1)
-    draw.text((width - 120, y(100 / 6) - 14), "identity chance", fill=(234, 67, 53))
+    draw.text((width - legend, y(100 / 6) - 14), "identity chance", fill=(234, 67, 53))
     for index, name in enumerate(conditions):
         x0 = left + 20 + 120 * index
         for offset, (metric, colour) in enumerate(metrics):
