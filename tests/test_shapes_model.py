@@ -118,7 +118,7 @@ def test_ablation_script_writes_the_table_once_per_condition(tmp_path, monkeypat
     table, plot and README section; a second run reuses every condition instead of generating again."""
     run = tmp_path / "run"
     run.mkdir()
-    for name in ablation.MASK_VARIANTS + (ablation.SHIPPED,):
+    for name in ablation.MODELS:
         (run / f"model-{name}").symlink_to(shapes_model.shipped_model_path())
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{ablation.README_START}\nold\n{ablation.README_END}\nrest\n")

@@ -44,6 +44,7 @@ EVAL_SEED = 2_000_003  # world seeds (EVAL_SEED, sample): prompts of held-out sa
 NOISE_SEED = 50_000_000  # torch seeds NOISE_SEED + 16 * sample + k: initial noise of held-out samples
 MASK_VARIANTS = ("v1", "v2", "v3", "full")
 SHIPPED = "shipped"
+MODELS = MASK_VARIANTS + (SHIPPED,)  # the run's model folders, model-<name>
 TABLE_ROWS = MASK_VARIANTS + ("separate", SHIPPED)
 PAPER_METRICS = ("visual_consistency", "semantic_consistency", "sequence_consistency")
 README_START = "<!-- shapes-ablation:start -->"
@@ -193,7 +194,7 @@ def markdown_table(summary: Dict[str, Any], meta: Dict[str, Any]) -> str:
     ]
     steps = meta.get("sft_steps", {})
     if steps:
-        lines += ["", "SFT steps: " + ", ".join(f"{name} {steps[name]:,}" for name in MASK_VARIANTS + (SHIPPED,) if name in steps)
+        lines += ["", "SFT steps: " + ", ".join(f"{name} {steps[name]:,}" for name in MODELS if name in steps)
                   + " (separate: the v2 model; shipped: the package's model, the v2 mask trained longer)."]
     lines += [
         "",
@@ -266,17 +267,16 @@ MODEL_OF_CONDITION = {**{v: v for v in MASK_VARIANTS}, "separate": "v2", SHIPPED
 
 
 def weights_fingerprint(folder: str) -> str:
-    """SHA-256 over the relative paths and bytes of every ``.safetensors`` file under ``folder``: cached results are
+    """SHA-256 over the relative path and SHA-256 of every ``.safetensors`` file under ``folder``: cached results are
     reused only for the weights they were made with."""
+    from ..training.checkpoints import file_sha256
+
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names if name.endswith(".safetensors"))
     if not paths:
         raise FileNotFoundError(f"{folder} has no .safetensors weights (expected a model folder saved by the pipeline).")
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(os.path.relpath(path, folder).encode())
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(f"{os.path.relpath(path, folder)}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -374,7 +374,7 @@ class RunModels:
     def sft_steps(self) -> Dict[str, int]:
         """Stage-2 steps of each model, from the run's training configs (when the run has them)."""
         steps = {}
-        for name in MASK_VARIANTS + (SHIPPED,):
+        for name in MODELS:
             path = os.path.join(self.run, "configs", f"train-sft-{name}.json")
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as handle:
@@ -384,7 +384,7 @@ class RunModels:
 
 def _condition(cache: ConditionCache, models: RunModels, name: str, samples: List[int], long_samples: int, batch_size: int):
     """One condition's per-sample results (from the cache when made before)."""
-    if name in MASK_VARIANTS + (SHIPPED,):
+    if name in MODELS:
         return _multiscene(cache, models, name, samples, batch_size)[0]
     inputs = models.inputs(name)
 
@@ -431,7 +431,7 @@ def run_ablation(run: str, out: str, num_samples: int = 200, long_samples: int =
         "extension": summarize_extension(details["extend"], details["generate_long"]),
     }
     meta = {**settings, "run": models.run, "sft_steps": models.sft_steps(),
-            "weights": {name: models.inputs(name)["weights"] for name in MASK_VARIANTS + (SHIPPED,)}}
+            "weights": {name: models.inputs(name)["weights"] for name in MODELS}}
     with open(os.path.join(out, "ablation.json"), "w", encoding="utf-8") as handle:
         json.dump({"meta": meta, "summary": summary, "details": details}, handle, indent=1, default=str)
     table = markdown_table(summary, meta)

@@ -95,7 +95,8 @@ def checkpoint_step(path: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -118,7 +119,7 @@ def write_manifest(folder: str, step: int) -> str:
     """Write ``checkpoint_manifest.json``: the size and SHA-256 of every file of the checkpoint."""
     names = _checkpoint_files(folder)
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:  # hashlib releases the GIL
-        digests = list(pool.map(lambda name: _sha256(os.path.join(folder, name)), names))
+        digests = list(pool.map(lambda name: file_sha256(os.path.join(folder, name)), names))
     files = {name: {"size": os.path.getsize(os.path.join(folder, name)), "sha256": digest} for name, digest in zip(names, digests)}
     path = os.path.join(folder, MANIFEST_NAME)
     with open(path, "w", encoding="utf-8") as handle:
@@ -151,7 +152,7 @@ def verify_checkpoint(folder: str) -> Optional[str]:
         if size != expected["size"]:
             what = "empty" if size == 0 else ("truncated" if size < expected["size"] else "longer than saved")
             return f"{name} is {what} ({size} bytes; {expected['size']} were saved)"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} has changed since it was saved (its SHA-256 differs from the manifest's)"
     return _progress_problem(folder)
 
