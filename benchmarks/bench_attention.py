@@ -492,6 +492,19 @@ def estimate_main(args, shapes, dtype: torch.dtype) -> Dict[str, Any]:
     return payload
 
 
+def apply_defaults(args, device: torch.device) -> List[Tuple[int, int, int, int, int]]:
+    """Fill in the options left unset (they depend on the device and ``--quick``); the shapes to run."""
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 1 if device.type == "cpu" else 2
+    if args.batch is None:
+        args.batch = 2 if device.type == "cuda" else 1
+    if args.flex is None:
+        args.flex = "eager" if args.quick else "compiled"
+    return args.shape or (QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", type=parse_shape, default=None,
@@ -521,15 +534,7 @@ def main(argv=None) -> Dict[str, Any]:
         return estimate_main(args, args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES), dtype)
     env = common.setup(args)
     device, dtype = env["device"], env["dtype"]
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 5
-    if args.warmup is None:
-        args.warmup = 1 if device.type == "cpu" else 2
-    if args.batch is None:
-        args.batch = 2 if device.type == "cuda" else 1
-    if args.flex is None:
-        args.flex = "eager" if args.quick else "compiled"
-    shapes = args.shape or (QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
+    shapes = apply_defaults(args, device)
 
     # The authors' approach must compute the same v2 attention before it is timed.
     for n in sorted({s[0] for s in shapes}):

@@ -330,3 +330,89 @@ def test_a_cut_off_json_is_reported_not_fatal(tmp_path):
     driver = _driver()
     (tmp_path / "attention_n3.json").write_text('{"results": [{"shape"')  # not written by save_json (atomic)
     assert driver.read_json(tmp_path / "attention_n3.json") is None and driver.headline("attention_n3", None) == {}
+
+
+def _bench(name):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name.replace('/', '_')}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampled_rows_reference_is_the_dense_result_at_those_rows():
+    import torch
+
+    from diffusers_mask2dit import SceneLayout, build_dense_mask
+
+    baselines = _bench("baselines")
+    layout = SceneLayout([3, 5, 4], [7, 9, 6])
+    rows = baselines.sample_query_rows(layout, per_segment=3)
+    assert all(((rows >= start) & (rows < end)).sum() == 3 for kind in ("text", "video")
+               for start, end in layout.segments(kind))  # every scene's text and video rows are sampled
+    mask = build_dense_mask(layout, "v2")
+    assert torch.equal(baselines.mask_rows(layout, "v2", rows), mask[rows])
+    q, k, v = (torch.randn(2, 3, layout.total, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, layout.total, 8, dtype=torch.float64)
+    out = baselines.dense_mask_attention(q, k, v, mask)
+    (dq,) = torch.autograd.grad(out, [q], grad_out)
+    out_rows, dq_rows = baselines.sampled_rows_attention(q, k, v, mask[rows], rows, grad_out, chunk=5)
+    torch.testing.assert_close(out_rows, out[:, :, rows].detach().float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(dq_rows, dq[:, :, rows].float(), atol=1e-5, rtol=0)
+
+
+def test_past_the_dense_limit_a_wrong_method_fails_the_sampled_reference_and_the_dense_mask_is_timed_only(
+        tmp_path, monkeypatch):
+    bench = _bench("bench_attention")
+    monkeypatch.setattr(bench, "DENSE_REFERENCE_MAX_LENGTH", 40)  # the shape below has 48 tokens
+    make_methods = bench.make_methods
+
+    def with_wrong_methods(*args, **kwargs):
+        methods = make_methods(*args, **kwargs)
+        methods["ours[dense]"] = methods["dense_mask"] = bench.unmasked_attention  # no mask: wrong
+        return methods
+
+    monkeypatch.setattr(bench, "make_methods", with_wrong_methods)
+    out = tmp_path / "attention.json"
+    with pytest.raises(SystemExit, match="failed their check"):
+        bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--shape", "2,4,20,1,8", "--flex", "off",
+                    "--modes", "forward", "--output", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["reference"].startswith("fp32 math on") and set(result["failed"]) == {"ours[dense]"}
+    assert "differs from fp32 math" in result["failed"]["ours[dense]"]
+    assert result["max_abs_diff_vs_reference"]["dense_mask"] > 0.01 and "dense_mask" in result["timed_only"]
+    assert "dense_mask" in result["modes"]["forward"]["methods"] and list(result["modes"]) == ["forward"]
+
+
+def test_the_transformer_step_is_saved_after_every_figure(tmp_path):
+    import argparse
+
+    import torch
+
+    bench = _bench("bench_pipeline")
+    common = sys.modules["common"]
+    args = argparse.Namespace(no_save=False, output=str(tmp_path / "step.json"), quick=True)
+    saver = common.ProgressSaver({"benchmark": "transformer_step", "runs": {}}, "transformer_step", args)
+    snapshots = []
+    save = saver.save
+    saver.save = lambda **fields: (save(**fields), snapshots.append(json.loads((tmp_path / "step.json").read_text())))
+    runs = {"v2": lambda: torch.ones(1000), "full_attention": lambda: torch.ones(2000)}
+    payload = bench.measure_transformer_step(runs, saver, torch.device("cpu"), 0, 2, 100, 0.5, "test")
+    assert [sorted(s["runs"]) for s in snapshots] == [["v2"], ["full_attention", "v2"]] + [["full_attention", "v2"]] * 2
+    assert not any(s["complete"] for s in snapshots) and payload["complete"]
+    assert [s["runs"]["v2"].get("repeats") for s in snapshots] == [None, None, 1, 2]  # one save per timing round
+    assert json.loads((tmp_path / "step.json").read_text())["complete"]
+    assert [path.name for path in tmp_path.iterdir()] == ["step.json"]  # atomic writes leave no temporary file
+
+
+def test_the_smoke_step_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    smoke = _bench("gpu/smoke")
+    out = tmp_path / "smoke.json"
+    assert smoke.main(["--device", "cpu", "--dtype", "float32", "--quick", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["ok"]
+    monkeypatch.setattr(smoke, "scene_attention", lambda q, k, v, *args, **kwargs: F.scaled_dot_product_attention(q, k, v))
+    assert smoke.main(["--device", "cpu", "--dtype", "float32", "--quick", "--output", str(out)]) == 1
+    saved = json.loads(out.read_text())
+    assert not saved["ok"] and saved["checks"]["sdpa"]["relative_error"]["out"] > 0.01 and saved["complete"]
