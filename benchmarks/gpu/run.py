@@ -401,7 +401,7 @@ def headline(name: str, data: Optional[Dict[str, Any]]) -> Dict[str, Any]:
             picked[mode]["goals_met"] = _get(result, "modes", mode, "goals_met")
         return picked
     if name == "smoke":
-        return {"ok": data.get("ok"), "gpu": _get(data, "environment", "gpu"),
+        return {"ok": data.get("ok"), "within_tolerance": data.get("within_tolerance"), "gpu": _get(data, "environment", "gpu"),
                 "relative_error": {k: _get(v, "relative_error") for k, v in (data.get("checks") or {}).items()}}
     if name.startswith("transformer_step"):
         return {"complete": data.get("complete"), "ratios": data.get("ratios"), "goals_met": data.get("goals_met"),

@@ -1,13 +1,14 @@
 """The GPU run's first step (about 30 s): the machine and the versions, then each of our attention backends that
 runs here, forward and backward on a small 3-scene layout, against fp32 math with the dense mask.
 
-If this fails, CUDA or the kernel every benchmark measures is broken, and ``run.py`` stops the run at once (the
-paper-scale figures would mean nothing) so that the lease is spent on a fix and a rerun instead.
+If a backend raises or is off by more than :data:`BROKEN`, CUDA or the kernel every benchmark measures is broken,
+and ``run.py`` stops the run at once (the paper-scale figures would mean nothing) so that the lease is spent on a
+fix and a rerun instead. Whether each is exact to the dtype's precision (:data:`TOLERANCE`) is recorded apart.
 
     python benchmarks/gpu/smoke.py --device cuda --dtype bfloat16 --output "$OUT/smoke.json"
     python benchmarks/gpu/smoke.py --device cpu --dtype float32 --quick --output /tmp/smoke.json   # the dry run
 
-Writes the JSON (atomically) after the environment and after every backend's check; exits 1 if a check failed.
+Writes the JSON (atomically) after the environment and after every backend's check; exits 1 if one is broken.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ HEADS, HEAD_DIM = 4, 64
 # relative to the largest reference value: bf16 keeps 8 bits of mantissa (2^-8 = 0.4%); a kernel that is exact
 # to bf16 precision stays within a few of those steps. fp32 (the dry run): the same check, 1e-5.
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+# beyond this the kernel is broken (a wrong mask differs by tens of percent), not imprecise: only then, or when a
+# backend raises, does the smoke step fail and stop the run; a miss of TOLERANCE alone is recorded, not fatal
+BROKEN = 0.1
 PACKAGES = ["diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "safetensors", "tokenizers",
             "sentencepiece", "triton", "flash_attn", "pytest", "pytest-timeout"]
 
@@ -104,7 +108,7 @@ def check_backend(backend: str, layout: SceneLayout, inputs, reference, dtype: t
     worst, worst_rounding = max(errors.values()), max(rounding.values())
     return {"relative_error": errors, "reference_rounding_to_dtype": rounding,
             "worst_over_rounding": worst / worst_rounding if worst_rounding > 0 else None,
-            "tolerance": TOLERANCE[dtype], "ok": worst <= TOLERANCE[dtype]}
+            "tolerance": TOLERANCE[dtype], "within_tolerance": worst <= TOLERANCE[dtype], "ok": worst <= BROKEN}
 
 
 def main(argv=None) -> int:
@@ -131,12 +135,13 @@ def main(argv=None) -> int:
             check = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
         saver.payload["checks"][backend] = check
         saver.save()
-        print(f"{backend}: {'ok' if check['ok'] else 'FAILED'} {json.dumps(check)}", flush=True)
+        verdict = "BROKEN" if not check["ok"] else ("ok" if check["within_tolerance"] else "outside the tolerance")
+        print(f"{backend}: {verdict} {json.dumps(check)}", flush=True)
     ok = all(check["ok"] for check in saver.payload["checks"].values())
     if device.type == "cuda" and "flash" not in backends:
         ok = False  # every GPU figure is about ours[flash]: without it the run has nothing to measure
         saver.payload["checks"]["flash"] = {"ok": False, "error": "varlen FlashAttention is not available here"}
-    saver.finish(ok=ok)
+    saver.finish(ok=ok, within_tolerance=all(check.get("within_tolerance") for check in saver.payload["checks"].values()))
     return 0 if ok else 1
 
 
