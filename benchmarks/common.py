@@ -155,13 +155,15 @@ def synchronize(device: torch.device) -> None:
 def time_round_robin(
     fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
     reset: Optional[Callable[[], None]] = None,
+    on_round: Optional[Callable[[Dict[str, Dict[str, Any]]], None]] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """Median time (seconds) of each callable, run round-robin.
 
     ``median_s`` is the figure the ratios use: on CUDA the wall time (synchronised); on CPU the process's
     CPU time (``time.process_time``), which other jobs on a shared machine do not inflate the way they
     inflate wall time (the work is compute-bound, nothing waits on I/O). Both are recorded.
-    ``reset`` (optional) runs before each call, untimed.
+    ``reset`` (optional) runs before each call, untimed. ``on_round`` (optional) receives the figures so far
+    after every round (one timed call of each callable), e.g. to save them before a time limit can cut a run.
     """
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -181,10 +183,19 @@ def time_round_robin(
             synchronize(device)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
+        if on_round:
+            on_round(_timing_summary(wall, cpu, device))
+    return _timing_summary(wall, cpu, device)
+
+
+def _timing_summary(wall: Dict[str, List[float]], cpu: Dict[str, List[float]], device: torch.device) -> Dict[str, Dict[str, Any]]:
+    """Median, min and max per callable of the recorded times (see :func:`time_round_robin`)."""
     basis = "wall" if device.type == "cuda" else "cpu"
     out: Dict[str, Dict[str, Any]] = {}
-    for name in fns:
+    for name in wall:
         chosen = wall[name] if basis == "wall" else cpu[name]
+        if not chosen:
+            continue
         out[name] = {
             "median_s": statistics.median(chosen),
             "min_s": min(chosen),
@@ -332,8 +343,9 @@ def default_output(name: str, args: argparse.Namespace, device_label: Optional[s
 
 
 def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
-              device_label: Optional[str] = None) -> Optional[Path]:
-    """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``."""
+              device_label: Optional[str] = None, quiet: bool = False) -> Optional[Path]:
+    """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``,
+    atomically (a temporary file renamed over it): a process killed while writing leaves the last whole copy."""
     if args.no_save:
         return None
     path = Path(args.output) if args.output else default_output(name, args, device_label)
@@ -345,11 +357,34 @@ def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
         except OSError:
             pass
     payload["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else ""
-    with open(path, "w") as handle:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
         handle.write("\n")
-    print(f"results written to {path}", flush=True)
+    os.replace(temporary, path)
+    if not quiet:
+        print(f"results written to {path}", flush=True)
     return path
+
+
+class ProgressSaver:
+    """A benchmark's JSON, saved as it grows: a run stopped part-way (a time limit on a lent GPU, a crash) keeps
+    every figure measured so far. ``save(**fields)`` merges ``fields`` into the payload and writes it with
+    ``"complete": False``; ``finish(**fields)`` writes it with ``"complete": True``."""
+
+    def __init__(self, payload: Dict[str, Any], name: str, args: argparse.Namespace,
+                 device_label: Optional[str] = None) -> None:
+        self.payload = dict(payload, complete=False)
+        self.name, self.args, self.device_label = name, args, device_label
+
+    def save(self, **fields: Any) -> None:
+        self.payload.update(fields)
+        save_json(self.payload, self.name, self.args, self.device_label, quiet=True)
+
+    def finish(self, **fields: Any) -> Dict[str, Any]:
+        self.payload.update(fields, complete=True)
+        save_json(self.payload, self.name, self.args, self.device_label)
+        return self.payload
 
 
 def free_memory(device: torch.device) -> None:
