@@ -319,8 +319,10 @@ def _stop_on_non_finite(run: _Run, what: str, batch: Dict[str, Any], inputs: Tup
     finite_inputs = all(bool(torch.isfinite(t).all()) for t in inputs)
     flags = accelerator.gather(torch.tensor([1.0 if finite_inputs else 0.0], device=accelerator.device))
     if float(flags.min()) < 1.0:
-        sources = _non_finite_sources(batch) if not finite_inputs else []
-        where = "; ".join(sources) if sources else ("the empty prompt's embedding" if not finite_inputs else "on another process")
+        where = "on another process"
+        if not finite_inputs:  # the loaded tensors name their files; else encoding or the empty prompt made it
+            where = "; ".join(_non_finite_sources(batch)) or "after encoding, in the batch of " + "; ".join(
+                f"sample {int(index)} ({', '.join(files)})" for index, files in zip(batch["indices"], batch["sources"]))
         cause = f"some latents or prompt embeddings of the batch are not finite (damaged data: {where})"
         good, advice = run.last_good(True), "Remove or re-create those samples (`mask2dit precompute` for cache files), then resume from it."
     else:
@@ -343,8 +345,12 @@ def _set_aside_diverged(run: _Run, probe: Any) -> str:
         for _, path in reversed(list_checkpoints(run.config.output_dir)):
             if path in suspects or verify_checkpoint(path):
                 continue
-            check_resumable_by(path, run.config)
-            load_training_state(accelerator, path)
+            try:
+                check_resumable_by(path, run.config)
+                load_training_state(accelerator, path)
+            except ValueError as error:  # another run's checkpoint, or a refused file: not a candidate
+                logger.warning(f"Not probing {path}: {error}")
+                continue
             if probe():
                 run.last_checkpoint = path
                 break
