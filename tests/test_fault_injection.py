@@ -340,7 +340,7 @@ def test_non_finite_gradients_stop_before_the_update_even_without_clipping(world
 
     monkeypatch.setattr(Accelerator, "backward", backward)
     config = _config(world, tmp_path / "out", max_grad_norm=0.0)
-    with pytest.raises(NonFiniteLossError, match="gradient norm became nan at step 1; training stopped before applying it"):
+    with pytest.raises(NonFiniteLossError, match="gradient norm became nan at step 1 .*training stopped without saving or applying it"):
         train(config)
     assert list_checkpoints(config.output_dir) == []
 
@@ -625,7 +625,7 @@ def test_convert_official_names_a_rejected_pickle_and_keeps_out_untouched(releas
     assert shard.name in message and "refused" in message and "weights_only" not in message
     assert not marker.exists()  # the payload never ran
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before and (out / REPORT_NAME).is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-", ".mask2dit-convert-"))]
 
 
 def test_pipeline_loads_the_fake_release_with_sharded_bin_transformer(release):

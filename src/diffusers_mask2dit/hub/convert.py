@@ -19,10 +19,12 @@ the authors' own class and carry their ``attn_msk_version`` key. The converted f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -31,6 +33,9 @@ import torch
 
 from ..layout import DEFAULT_MASK_VARIANT, check_mask_variant
 from ..paths import UnsafePathError, check_inside, confined, files_under
+from ..pickles import refusal_reason
+
+logger = logging.getLogger(__name__)
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
@@ -122,14 +127,6 @@ def _shard_files(index: Path) -> List[Path]:
     return sorted(files)
 
 
-def _refusal_reason(error: BaseException) -> str:
-    """What torch's weights-only loader refused, without its advice on how to load the file anyway."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-    if found:
-        return f"it names `{found.group(1)}`, which is not a tensor type."
-    return "it is not a plain tensor file."
-
-
 def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
     """The tensors of a pickled checkpoint, read with torch's weights-only loader (no code runs)."""
     import pickle
@@ -142,7 +139,7 @@ def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         raise ConversionError(
             f"{path}: refused: the pickle holds objects other than tensors, which convert-official never loads "
-            f"({_refusal_reason(error)}) Ask the publisher for safetensors weights."
+            f"({refusal_reason(error)}) Ask the publisher for safetensors weights."
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as error:
         raise ConversionError(f"{path}: cannot be read as a PyTorch checkpoint (damaged or not a checkpoint): {str(error).splitlines()[0]}") from None
@@ -585,6 +582,50 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.rename(staging, out)
 
 
+# The staging folder beside ``out``: ``.mask2dit-convert-<out name>-<pid>-<8 hex>``, holding a marker file with the
+# host name, so that a later run can tell its own killed conversions from anything else in that folder.
+STAGING_PREFIX = ".mask2dit-convert-"
+STAGING_MARKER = ".mask2dit-convert-staging"
+
+
+def _new_staging(out: Path) -> Path:
+    staging = out.parent / f"{STAGING_PREFIX}{out.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    (staging / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "output": out.name}))
+    return staging
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> List[Path]:
+    """Remove the staging folders that killed runs of this command for ``out`` left beside it: the name and marker
+    say so, the host is this one and the process that made it is gone. Anything else is left alone."""
+    pattern = re.compile(rf"^{re.escape(STAGING_PREFIX + out.name)}-(\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    for entry in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        found = pattern.match(entry.name)
+        if not found or entry.is_symlink() or not (entry / STAGING_MARKER).is_file():
+            continue
+        try:
+            marker = json.loads((entry / STAGING_MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+        if marker.get("host") != socket.gethostname() or marker.get("pid") != int(found.group(1)) or _process_alive(int(found.group(1))):
+            continue  # another machine's, or a conversion still running
+        shutil.rmtree(entry, ignore_errors=True)
+        logger.warning(f"Removed {entry}, the unfinished output of an earlier convert-official that was killed.")
+        removed.append(entry)
+    return removed
+
+
 def convert_official(
     src: os.PathLike | str,
     out: os.PathLike | str,
@@ -596,7 +637,8 @@ def convert_official(
 
     The folder is written and verified under a temporary name beside ``out`` and renamed to ``out`` only
     when complete: a failure (a refused pickle, a file that escapes ``src``, a tensor that differs) leaves
-    ``out`` as it was. Files are read only from inside ``src``: a link out of it is refused, naming it.
+    ``out`` as it was; the unfinished folder of a killed run is removed by the next run for the same ``out``
+    (see `remove_stale_staging`). Files are read only from inside ``src``: a link out of it is refused, naming it.
 
     Args:
         src: folder with ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` (e.g. a download of
@@ -622,10 +664,11 @@ def convert_official(
     report = ConversionReport(source=str(src), output=str(out), verify=verify,
                               had_model_index=(src / "model_index.json").is_file())
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".tmp-{out.name}-{secrets.token_hex(4)}"
-    staging.mkdir()
+    remove_stale_staging(out)
+    staging = _new_staging(out)
     try:
         _convert_into(src, staging, report, link)
+        (staging / STAGING_MARKER).unlink()
         _swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -4,8 +4,9 @@
     python -m diffusers_mask2dit.shapes.retrain --out runs/shapes --variants shipped v2 v1 v3 full   # + the ablation's
     python -m diffusers_mask2dit.shapes.retrain --out runs/shapes --install  # copy model-shipped into the package
 
-Steps (each skipped when its output exists, so an interrupted run continues where it stopped; the trainer itself
-resumes from its last checkpoint):
+Steps (each skipped when its "done" marker ``steps/<step>.done`` exists, written atomically after the step's output
+is complete, so an interrupted run continues where it stopped and a half-written output is made again; the
+trainer itself resumes from its last checkpoint):
 
 1. ``data/``: the world's dataset (lossless mp4 clips, the authors' pretraining CSV and SFT JSON);
 2. ``vae/``: the `AutoencoderKLCogVideoX` trained on rendered clips (:mod:`.vae`), with its held-out PSNR report;
@@ -82,6 +83,8 @@ def _write_json(data: Any, path: str) -> str:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())  # the rename must never publish a file whose bytes are not on disk yet
     os.replace(tmp, path)
     return path
 
@@ -102,9 +105,21 @@ class Run:
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
+    def marker(self, name: str) -> str:
+        """The "done" marker of step ``name``: written last (after the timings), atomically."""
+        return self.path("steps", name.replace(" ", "-") + ".done")
+
+    def is_done(self, name: str, output: str) -> bool:
+        """Whether step ``name`` finished: its marker exists (or, for a run folder made before markers, its
+        seconds are in ``timings.json``, which is written only after the step returned) and so does ``output``."""
+        if not os.path.exists(output):
+            return False
+        return os.path.isfile(self.marker(name)) or name in self.timings
+
     def step(self, name: str, done: str, action) -> None:
-        """Run ``action()`` unless ``done`` exists; record its wall-clock seconds."""
-        if os.path.exists(done):
+        """Run ``action()`` unless the step finished before (see :meth:`is_done`; ``done`` is its main output);
+        record its wall-clock seconds, then write its marker."""
+        if self.is_done(name, done):
             print(f"[shapes retrain] {name}: done ({done})", flush=True)
             return
         print(f"[shapes retrain] {name} ...", flush=True)
@@ -115,6 +130,7 @@ class Run:
                 self.timings = {**json.load(handle), **self.timings}
         self.timings[name] = round(time.time() - started, 1)
         _write_json(self.timings, self.timings_path)
+        _write_json({"step": name, "output": os.path.relpath(done, self.out), "seconds": self.timings[name]}, self.marker(name))
 
     def mask2dit(self, command: str, config: Dict[str, Any], name: str) -> None:
         """``python -m diffusers_mask2dit.cli <command> --config configs/<name>.json``."""

@@ -15,16 +15,19 @@ so that neither ``latest`` nor ``checkpoints_total_limit`` ever picks them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from ..pickles import refusal_reason
 from .config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,14 @@ ABANDONED_SUFFIX = ".abandoned"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # A checkpoint renamed aside while the same step was saved again (see `replace_folder`).
 _RETIRED_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)\.old$")
+LORA_WEIGHT_FILE = "pytorch_lora_weights.safetensors"
+FULL_WEIGHT_FILE = "model.safetensors"  # accelerate's name for the prepared model's weights
+# Below this much free space a failed write is taken for a full disk (torch's writer does not say so).
+_FULL_DISK_BYTES = 1 << 20
+
+
+class DiskFullError(OSError):
+    """A save ran out of space; what was saved before is intact and the run can be resumed."""
 
 
 @dataclass
@@ -83,6 +94,17 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
         if match and int(match.group(1)) not in found and os.path.isfile(os.path.join(output_dir, name, PROGRESS_NAME)):
             found[int(match.group(1))] = os.path.join(output_dir, name)
     return sorted(found.items())
+
+
+def incomplete_checkpoints(output_dir: str) -> List[str]:
+    """``checkpoint-<step>`` folders of ``output_dir`` without a progress file (emptied, or not a checkpoint),
+    which :func:`list_checkpoints` passes over."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(
+        os.path.join(output_dir, name) for name in os.listdir(output_dir)
+        if _CHECKPOINT_PATTERN.match(name) and not os.path.isfile(os.path.join(output_dir, name, PROGRESS_NAME))
+    )
 
 
 def checkpoint_step(path: str) -> int:
@@ -133,9 +155,7 @@ def verify_checkpoint(folder: str) -> Optional[str]:
     """What is wrong with the checkpoint in ``folder`` (a missing, truncated, emptied or changed file, an
     unreadable progress file or manifest), or None when every file matches its manifest."""
     manifest_path = os.path.join(folder, MANIFEST_NAME)
-    if not os.path.isfile(manifest_path):
-        # Saved before manifests existed: only the progress file can be checked.
-        logger.warning(f"{folder} has no {MANIFEST_NAME} (saved by an older diffusers-mask2dit): its files cannot be verified.")
+    if not has_manifest(folder):  # saved before manifests existed, or the manifest was deleted: only the progress file
         return _progress_problem(folder)
     try:
         with open(manifest_path, encoding="utf-8") as handle:
@@ -155,6 +175,10 @@ def verify_checkpoint(folder: str) -> Optional[str]:
         if file_sha256(path) != expected["sha256"]:
             return f"{name} has changed since it was saved (its SHA-256 differs from the manifest's)"
     return _progress_problem(folder)
+
+
+def has_manifest(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST_NAME))
 
 
 def _progress_problem(folder: str) -> Optional[str]:
@@ -178,6 +202,8 @@ def _explicit_checkpoint(config: TrainingConfig) -> str:
             f"`resume_from_checkpoint` must be \"latest\" or a checkpoint folder; {choice!r} is not a complete checkpoint."
         )
     problem = verify_checkpoint(path)
+    if not problem and not has_manifest(path):
+        logger.warning(f"{path} has no {MANIFEST_NAME} (saved by an older diffusers-mask2dit, or deleted): its files cannot be verified.")
     if problem:
         earlier = [p for step, p in list_checkpoints(config.output_dir) if p != path and not verify_checkpoint(p)]
         hint = f" Complete checkpoints in {config.output_dir}: {', '.join(earlier)}." if earlier else ""
@@ -198,21 +224,100 @@ def resolve_resume_checkpoint(config: TrainingConfig) -> Optional[str]:
         return None
     if choice != "latest":
         return _explicit_checkpoint(config)
+    for folder in incomplete_checkpoints(config.output_dir):
+        what = "an empty folder" if not os.listdir(folder) else f"no {PROGRESS_NAME}"
+        logger.warning(f"Skipping {folder}: {what}, so it is not a complete checkpoint (left as it is).")
     checkpoints = list_checkpoints(config.output_dir)
     if not checkpoints:
         logger.info(f"No checkpoint in {config.output_dir}; starting a new run.")
         return None
-    problems = []
+    problems, unverified = [], []
     for _, path in reversed(checkpoints):
         problem = verify_checkpoint(path)
+        if problem is None and not has_manifest(path):
+            unverified.append(path)  # not trusted over an older checkpoint that verifies
+            continue
         if problem is None:
+            for newer in unverified:
+                logger.warning(
+                    f"Not resuming from {newer}: it has no {MANIFEST_NAME}, so its files cannot be verified; resuming from "
+                    f"{path}, which verifies. To resume from {newer} anyway, set `resume_from_checkpoint` to it."
+                )
             return path
         problems.append(f"{path}: {problem}")
         logger.warning(f"Not resuming from {path}: {problem}. Trying the previous checkpoint.")
+    if unverified:  # a run saved before manifests existed: nothing verifies, the newest is the best there is
+        logger.warning(f"{unverified[0]} has no {MANIFEST_NAME} and no checkpoint in {config.output_dir} verifies: resuming from it unverified.")
+        return unverified[0]
     raise ValueError(
         f"No complete checkpoint in {config.output_dir} to resume from: " + "; ".join(problems)
         + ". Remove or repair them, or set `resume_from_checkpoint` to none to start over."
     )
+
+
+def check_resumable_by(path: str, config: TrainingConfig) -> None:
+    """Refuse a checkpoint whose trainable weights do not fit ``config``'s fine-tuning (LoRA vs full, LoRA rank),
+    naming the mismatch and the checkpoint, before accelerate fails on it deep inside torch."""
+    saved = "lora" if os.path.isfile(os.path.join(path, LORA_WEIGHT_FILE)) else (
+        "full" if os.path.isfile(os.path.join(path, FULL_WEIGHT_FILE)) else None)
+    if saved is None:
+        return  # DeepSpeed / FSDP layouts: their engines check the shapes themselves
+    if saved != config.finetune:
+        raise ValueError(
+            f"`resume_from_checkpoint` {path} holds {'LoRA adapters' if saved == 'lora' else 'fully fine-tuned weights'} "
+            f"(finetune: {saved}) but this run has `finetune: {config.finetune}`; resume with `finetune: {saved}`, or start "
+            f"the new mode from the trained weights in another `output_dir`."
+        )
+    if saved == "lora":
+        rank = lora_rank_of(os.path.join(path, LORA_WEIGHT_FILE))
+        if rank is not None and rank != config.lora_rank:
+            raise ValueError(
+                f"`resume_from_checkpoint` {path} was trained with LoRA rank {rank} but this run has `lora_rank: {config.lora_rank}`; "
+                f"resume with `lora_rank: {rank}`, or start a run of the new rank in another `output_dir`."
+            )
+
+
+def lora_rank_of(weight_file: str) -> Optional[int]:
+    """The rank of the LoRA adapters in a diffusers LoRA safetensors file (rows of its first ``lora_A``), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weight_file, framework="pt") as handle:
+            name = next((key for key in handle.keys() if ".lora_A." in key), None)
+            return None if name is None else int(handle.get_slice(name).get_shape()[0])
+    except Exception:  # unreadable: verification and loading report it with their own message
+        return None
+
+
+def load_training_state(accelerator: Any, path: str) -> None:
+    """``accelerator.load_state(path)``; a pickled file holding anything but tensors is refused in one line naming it."""
+    import pickle
+
+    try:
+        accelerator.load_state(path)
+    except pickle.UnpicklingError as error:
+        culprit = _refused_pickle(path) or path
+        raise ValueError(
+            f"Refused to unpickle {culprit}: {refusal_reason(error)} Nothing in it was run. The file was replaced or "
+            "tampered with after saving; resume from another checkpoint."
+        ) from None
+
+
+def _refused_pickle(folder: str) -> Optional[str]:
+    """The first pickled file of ``folder`` that the weights-only loader refuses."""
+    import pickle
+
+    from accelerate.utils import load
+
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".bin", ".pkl", ".pt")):
+            try:
+                load(os.path.join(folder, name), map_location="cpu")
+            except pickle.UnpicklingError:
+                return os.path.join(folder, name)
+            except Exception:
+                continue
+    return None
 
 
 def retire_newer_checkpoints(output_dir: str, step: int) -> List[str]:
@@ -293,6 +398,42 @@ def _remove_checkpoint(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _out_of_space(error: BaseException, folder: str) -> bool:
+    chain = [error, error.__cause__, error.__context__]
+    if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in chain if e is not None):
+        return True
+    if any(marker in str(e) for e in chain if e is not None for marker in ("No space left", "Disk quota exceeded")):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
+def as_disk_full(error: BaseException, folder: str, what: str) -> Optional[DiskFullError]:
+    """A one-line `DiskFullError` when ``error`` (raised while saving ``what`` under ``folder``) came from a full
+    disk, else None. Call it before freeing the partial save: the free space is part of the evidence."""
+    if isinstance(error, DiskFullError) or not isinstance(error, (OSError, RuntimeError)) or not _out_of_space(error, folder):
+        return None
+    detail = " ".join(str(error).split())[:200] or type(error).__name__
+    return DiskFullError(
+        f"No space left on device in {folder} while saving {what} ({detail}); the partial save was removed and what "
+        "was saved before is intact. Free space, then resume with `resume_from_checkpoint: latest`."
+    )
+
+
+@contextmanager
+def disk_full_as_error(folder: str, what: str) -> Iterator[None]:
+    """Turn a write that failed for lack of space under ``folder`` into a `DiskFullError`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        full = as_disk_full(error, folder, what)
+        if full is None:
+            raise
+        raise full from None
+
+
 def save_checkpoint(accelerator: Any, output_dir: str, progress: TrainingProgress, total_limit: Optional[int]) -> str:
     """Save the full training state to ``output_dir/checkpoint-<step>`` atomically; keep the newest ``total_limit``.
 
@@ -305,15 +446,28 @@ def save_checkpoint(accelerator: Any, output_dir: str, progress: TrainingProgres
         _clean_leftovers(output_dir)
         os.makedirs(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(staging, safe_serialization=True)
-    accelerator.wait_for_everyone()
+    try:
+        _write_checkpoint(accelerator, staging, final, progress)
+    except BaseException as error:
+        full = as_disk_full(error, output_dir, f"checkpoint-{progress.global_step}")
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # gives a full disk its space back
+        if full is not None:
+            raise full from None
+        raise
     if accelerator.is_main_process:
-        progress.save(staging)
-        write_manifest(staging, progress.global_step)  # written last: it vouches for every other file
-        replace_folder(staging, final)  # the same step may have been saved before (e.g. by a resumed run)
         if total_limit is not None:
             for _, path in list_checkpoints(output_dir)[:-total_limit]:
                 _remove_checkpoint(path)
         logger.info(f"Saved checkpoint {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_checkpoint(accelerator: Any, staging: str, final: str, progress: TrainingProgress) -> None:
+    accelerator.save_state(staging, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        progress.save(staging)
+        write_manifest(staging, progress.global_step)  # written last: it vouches for every other file
+        replace_folder(staging, final)  # the same step may have been saved before (e.g. by a resumed run)

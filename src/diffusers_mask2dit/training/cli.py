@@ -36,9 +36,9 @@ def register_cli(subparsers: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Exit status 2 for a bad option, model, data file or output folder (one line, no traceback); 1 when a
-    started run stops on non-finite values or a hung process (the message names the checkpoint to resume)."""
-    from .trainer import CollectiveTimeoutError, NonFiniteLossError, train
+    """Exit status 2 for a bad option, model, data file, checkpoint or output folder (one line, no traceback); 1
+    when a started run stops on non-finite values, a full disk or a hung process (the message says how to resume)."""
+    from .trainer import CollectiveTimeoutError, DiskFullError, NonFiniteLossError, train
 
     try:
         config = config_from_args(args)
@@ -46,7 +46,7 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"mask2dit train: {_one_line(error)}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, CollectiveTimeoutError) as error:
+    except (NonFiniteLossError, CollectiveTimeoutError, DiskFullError) as error:
         print(f"mask2dit train: {_one_line(error)}", file=sys.stderr)
         return 1
     return 0

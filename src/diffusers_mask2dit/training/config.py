@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ FRAME_MULTIPLE = 8
 PIXEL_MULTIPLE = 16
 # Multi-scene prompts on the command line: scenes of one prompt separated by this character.
 SCENE_SEPARATOR = "|"
+# `collective_timeout` ceiling (30 days): the process group stores it as a timedelta, which overflows far beyond.
+MAX_COLLECTIVE_TIMEOUT = 30 * 24 * 3600
 
 # Options whose accepted words YAML reads as booleans when unquoted (`mixed_precision: no`).
 _YAML_BOOLEAN_WORDS = {"mixed_precision": {False: "no", True: "yes"}}
@@ -124,7 +127,7 @@ class TrainingConfig:
     checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every this many optimizer steps (0: only at the end).")
     checkpoints_total_limit: Optional[int] = _opt(3, "Keep at most this many checkpoints (oldest removed first; none: keep all).")
     resume_from_checkpoint: Optional[str] = _opt(None, "\"latest\" or a checkpoint folder to resume from.")
-    collective_timeout: int = _opt(1800, "Seconds a process waits for the others in a collective operation before the run stops with an error (a hung or dead process).")
+    collective_timeout: int = _opt(1800, f"Seconds a process waits for the others in a collective operation before the run stops with an error (a hung or dead process); at most {MAX_COLLECTIVE_TIMEOUT} (30 days).")
 
     # ---- validation
     validation_prompts: List[List[str]] = _opt([], f"Multi-scene prompts to render; on the command line scenes are separated by '{SCENE_SEPARATOR}'.")
@@ -144,6 +147,10 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Normalise values and raise a ValueError naming the first bad option."""
+        for item in dataclasses.fields(self):  # NaN passes every `<` / `>` check below, so refuse it first
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{item.name}` must be a finite number, got {value!r}.")
         _choice(self.stage, STAGES, "stage")
         _choice(self.finetune, FINETUNE_MODES, "finetune")
         _choice(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
@@ -177,6 +184,8 @@ class TrainingConfig:
         for name in ("checkpointing_steps", "validation_steps", "lr_warmup_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be 0 or more, got {getattr(self, name)}.")
+        if self.collective_timeout > MAX_COLLECTIVE_TIMEOUT:
+            raise ValueError(f"`collective_timeout` must be at most {MAX_COLLECTIVE_TIMEOUT} seconds (30 days), got {self.collective_timeout}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"`checkpoints_total_limit` must be at least 1 or none, got {self.checkpoints_total_limit}.")
         if self.max_grad_norm < 0:
@@ -265,25 +274,42 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"`--config` file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}).") from None
-    if extension in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError("Reading a YAML config needs PyYAML (`pip install pyyaml`); or use a .json or .toml file.") from None
-        values = yaml.safe_load(raw.decode("utf-8"))
-    elif extension == ".json":
-        values = json.loads(raw.decode("utf-8"))
-    elif extension == ".toml":
-        import tomllib
-
-        values = tomllib.loads(raw.decode("utf-8"))
-    else:
+    if extension not in (".yaml", ".yml", ".json", ".toml"):
         raise ValueError(f"`--config` must be a .yaml, .yml, .json or .toml file, got {path!r}.")
+    values = _parse_config_text(raw.decode("utf-8-sig"), extension, path)  # "-sig": a byte-order mark is no error
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"`--config` file {path} must hold a mapping of option names to values.")
     return values
+
+
+def _parse_config_text(text: str, extension: str, path: str) -> Any:
+    """The value a config file's text holds; a syntax error is a ValueError naming the file, line and column."""
+    if extension == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`--config` file {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
+    if extension == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:  # its message ends with "(at line L, column C)"
+            raise ValueError(f"`--config` file {path} is not valid TOML: {error}.") from None
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError("Reading a YAML config needs PyYAML (`pip install pyyaml`); or use a .json or .toml file.") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        hint = " (YAML does not allow tabs for indentation; use spaces)" if "'\\t'" in problem else ""
+        raise ValueError(f"`--config` file {path} is not valid YAML: {problem}{where}{hint}.") from None
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -321,9 +347,12 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"`{name}` must be a number, got {value!r}.")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"`{name}` must be a number, got {value!r}.") from None
+        if not math.isfinite(number):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        return number
     if annotation is str:
         if isinstance(value, bool) and name in _YAML_BOOLEAN_WORDS:
             return _YAML_BOOLEAN_WORDS[name][value]  # YAML 1.1 reads an unquoted `no` as false

@@ -393,6 +393,10 @@ class SceneSource:
     def load(self, clip: Clip, num_frames: int, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def describe(self, clip: Clip, num_frames: int) -> str:
+        """The file a scene's tensors come from, for messages about bad data."""
+        return clip.video
+
 
 class VideoSource(SceneSource):
     """Decodes the video: ``{"pixels": (F, 3, H, W)}`` in [-1, 1]; the caption is encoded later, in the trainer."""
@@ -413,8 +417,9 @@ class MultiSceneDataset(torch.utils.data.Dataset):
         source: loads a scene's tensors (decoded pixels, or cached latents and prompt embeddings).
         scene_frames: pixel frames of each scene position.
 
-    Items: ``{"index", "sample_seed", "captions": [str] * n, <source keys>: [tensor] * n, "skipped": [str]}``,
-    where ``skipped`` describes samples that failed to load and were replaced by this one.
+    Items: ``{"index", "sample_seed", "captions": [str] * n, "sources": [str] * n, <source keys>: [tensor] * n,
+    "skipped": [str]}``, where ``sources`` names each scene's file and ``skipped`` describes samples that failed
+    to load and were replaced by this one.
     """
 
     def __init__(self, records: Sequence[Sequence[Clip]], source: SceneSource, stage: str, num_scenes: int, scene_frames: Sequence[int], seed: int) -> None:
@@ -466,6 +471,7 @@ class MultiSceneDataset(torch.utils.data.Dataset):
             "index": index,
             "sample_seed": derive_seed(self.seed, self.epoch, index),
             "captions": [clip.caption for clip in clips],
+            "sources": [self.source.describe(clip, frames) for clip, frames in zip(clips, self.scene_frames)],
         }
         for key in scenes[0]:
             item[key] = [scene[key] for scene in scenes]
@@ -496,6 +502,7 @@ def collate_scenes(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "sample_seeds": torch.tensor([item["sample_seed"] for item in items], dtype=torch.long),
         "captions": [list(scene) for scene in zip(*(item["captions"] for item in items))],
         "skipped": [message for item in items for message in item["skipped"]],
+        "sources": [list(item["sources"]) for item in items],  # [sample][scene]
     }
     tensor_keys = [key for key, value in items[0].items() if isinstance(value, list) and value and torch.is_tensor(value[0])]
     for key in tensor_keys:

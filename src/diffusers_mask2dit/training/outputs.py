@@ -11,11 +11,11 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-from .checkpoints import replace_folder
+from .checkpoints import as_disk_full, replace_folder
 from .config import TrainingConfig
 from .setup import LORA_WEIGHT_NAME, TRANSFORMER_FOLDER, unwrap
 
@@ -37,6 +37,24 @@ def save_final_weights(accelerator: Any, transformer: Any, config: TrainingConfi
     staging = os.path.join(output_dir, ".tmp-final")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
+    try:
+        result = _write_weights(model, state_dict, config, staging, weight_dtype)
+    except BaseException as error:
+        full = as_disk_full(error, output_dir, "the final weights")
+        shutil.rmtree(staging, ignore_errors=True)  # gives a full disk its space back
+        if full is not None:
+            raise full from None
+        raise
+    write_model_card(config, output_dir)
+    write_training_config(config, output_dir)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _write_weights(model: Any, state_dict: Dict[str, torch.Tensor], config: TrainingConfig, staging: str,
+                   weight_dtype: torch.dtype) -> str:
+    """Write the weights through ``staging`` and move them into ``output_dir``; returns the path that loads them."""
+    output_dir = config.output_dir
     if config.finetune == "lora":
         from diffusers import CogVideoXPipeline
         from peft.utils import get_peft_model_state_dict
@@ -49,19 +67,15 @@ def save_final_weights(accelerator: Any, transformer: Any, config: TrainingConfi
         )
         os.replace(os.path.join(staging, LORA_WEIGHT_NAME), os.path.join(output_dir, LORA_WEIGHT_NAME))
         shutil.rmtree(staging, ignore_errors=True)
-        result = output_dir
-    else:
-        from huggingface_hub import save_torch_state_dict
+        return output_dir
+    from huggingface_hub import save_torch_state_dict
 
-        # Save in the training precision of the forward pass (bf16 for the released CogVideoX-5b layout).
-        state_dict = {k: v.detach().to(device="cpu", dtype=weight_dtype) for k, v in state_dict.items()}
-        model.save_config(staging)
-        save_torch_state_dict(state_dict, staging, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
-        result = os.path.join(output_dir, TRANSFORMER_FOLDER)
-        replace_folder(staging, result)
-    write_model_card(config, output_dir)
-    write_training_config(config, output_dir)
-    accelerator.wait_for_everyone()
+    # Save in the training precision of the forward pass (bf16 for the released CogVideoX-5b layout).
+    state_dict = {k: v.detach().to(device="cpu", dtype=weight_dtype) for k, v in state_dict.items()}
+    model.save_config(staging)
+    save_torch_state_dict(state_dict, staging, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+    result = os.path.join(output_dir, TRANSFORMER_FOLDER)
+    replace_folder(staging, result)
     return result
 
 

@@ -229,12 +229,15 @@ class CacheSource(SceneSource):
     def load(self, clip: Clip, num_frames: int, rng: np.random.Generator) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        path = os.path.join(self.latent_folder, self.files[(clip.video, clip.caption)][str(num_frames)])
+        path = self.describe(clip, num_frames)
         try:
             tensors = load_file(path)
         except Exception as error:  # a deleted or damaged cache file is bad data, not a reason to stop
             raise VideoReadError(f"Could not read cache file {path}: {error}") from error
         return {key: tensors[key].float() for key in ("latent_mean", "latent_std", "prompt_embeds")}
+
+    def describe(self, clip: Clip, num_frames: int) -> str:
+        return os.path.join(self.latent_folder, self.files[(clip.video, clip.caption)][str(num_frames)])
 
 
 def open_cache(config: TrainingConfig) -> Tuple[List[List[Clip]], CacheSource]:

@@ -64,6 +64,11 @@ def create_accelerator(config: TrainingConfig) -> Tuple[Any, str]:
         # A hung or dead process ends the run after this long instead of blocking the others for good.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))],
     )
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "`mixed_precision` fp16 needs a GPU (on a CPU there is no fp16 loss scaling and fp16 kernels are missing); "
+            "use bf16 or no on this machine."
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         # accelerate falls back to independent single-process runs on CPU-only machines unless told to use CPU.

@@ -27,13 +27,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..parallel import CollectiveTimeoutError  # one error for the trainer and parallel inference
-from .checkpoints import (  # noqa: F401  (list_checkpoints: imported from here by users)
+from .checkpoints import (  # noqa: F401  (list_checkpoints, DiskFullError: imported from here by users)
+    DiskFullError,
     TrainingProgress,
+    check_resumable_by,
     check_writable,
     list_checkpoints,
+    load_training_state,
     resolve_resume_checkpoint,
     retire_newer_checkpoints,
     save_checkpoint,
+    verify_checkpoint,
 )
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset
@@ -97,10 +101,11 @@ class _Run:
     trainable: List[torch.nn.Parameter]
     null_embeds: Optional[torch.Tensor] = None  # the empty prompt's embedding (L, D), with caption dropout
     progress: TrainingProgress = field(default_factory=TrainingProgress)
-    # A checkpoint counts as good once the forward pass after it gave a finite loss; the newest one is
-    # "unconfirmed" until then (its weights may be the ones that diverge).
+    # A checkpoint counts as good once a step from its weights gave a finite loss and gradient norm; the newest
+    # one (saved, or resumed from) is "unconfirmed" until then (its weights may be the ones that diverge).
     last_checkpoint: Optional[str] = None
     unconfirmed_checkpoint: Optional[str] = None
+    resumed: bool = False
     skipped_total: int = 0
 
     @property
@@ -117,7 +122,11 @@ class _Run:
     def last_good(self, trust_unconfirmed: bool = True) -> str:
         """The sentence of a stop message that names the checkpoint to resume from."""
         path = self.good_checkpoint(trust_unconfirmed)
-        return f"The last good checkpoint is {path}." if path else "No checkpoint was written yet."
+        if path:
+            return f"The last good checkpoint is {path}."
+        if self.resumed:
+            return f"No checkpoint in {self.config.output_dir} has finite weights and a finite probe step."
+        return "No checkpoint was written yet."
 
     def advice(self, trust_unconfirmed: bool = True) -> str:
         start = "Resume from it" if self.good_checkpoint(trust_unconfirmed) else "Start again"
@@ -200,7 +209,8 @@ def _resume(run: _Run) -> None:
     config, accelerator = run.config, run.accelerator
     resume_path = _choose_checkpoint(run)
     if resume_path:
-        accelerator.load_state(resume_path)
+        check_resumable_by(resume_path, config)
+        load_training_state(accelerator, resume_path)
         run.progress = TrainingProgress.load(resume_path)
         logger.info(f"Resumed from {resume_path} at step {run.progress.global_step}")
         saved_lr = apply_learning_rate(run.lr_scheduler, config.effective_learning_rate)
@@ -212,7 +222,7 @@ def _resume(run: _Run) -> None:
             )
         else:
             logger.info(f"Learning rate in force: {config.effective_learning_rate}, as in the checkpoint; {current} now.")
-    run.last_checkpoint = resume_path
+    run.unconfirmed_checkpoint, run.resumed = resume_path, bool(resume_path)  # confirmed by the first finite step
     if accelerator.is_main_process:
         retire_newer_checkpoints(config.output_dir, run.progress.global_step)
     accelerator.wait_for_everyone()
@@ -254,26 +264,26 @@ def _report_skipped(run: _Run, batch: Dict[str, Any]) -> None:
         )
 
 
-def _clip_gradients(run: _Run) -> Optional[torch.Tensor]:
-    """Clip at ``max_grad_norm`` once the accumulated gradients are complete; a non-finite norm stops the run
-    before the update. With clipping off the norm is still measured (clipping at infinity changes nothing)."""
+def _clip_gradients(run: _Run) -> Tuple[Optional[torch.Tensor], bool]:
+    """Clip at ``max_grad_norm`` once the accumulated gradients are complete. Returns ``(norm or None, whether a
+    non-finite norm must stop the run)``. With clipping off the norm is still measured (clipping at infinity
+    changes nothing)."""
     from accelerate.utils import DistributedType
 
     accelerator, max_norm = run.accelerator, run.config.max_grad_norm
     if not accelerator.sync_gradients:
-        return None
+        return None, False
     # DeepSpeed and fp16 loss scaling handle overflowing gradients themselves (they skip the step).
     self_checked = accelerator.distributed_type == DistributedType.DEEPSPEED or accelerator.scaler is not None
     if self_checked and max_norm <= 0:
-        return None
+        return None, False
     # All of the prepared model's parameters: FSDP only clips when given exactly those.
     grad_norm = accelerator.clip_grad_norm_(run.transformer.parameters(), max_norm if max_norm > 0 else float("inf"))
-    if not self_checked and grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
-        raise NonFiniteLossError(
-            f"The gradient norm became {float(grad_norm)} at step {run.progress.global_step + 1}; training "
-            f"stopped before applying it. {run.last_good()}"
-        )
-    return grad_norm
+    return grad_norm, not self_checked
+
+
+def _is_finite(value: Any) -> bool:
+    return value is None or bool(torch.isfinite(torch.as_tensor(value)).all())
 
 
 def _check_weights_finite(run: _Run, what: str) -> None:
@@ -288,28 +298,83 @@ def _check_weights_finite(run: _Run, what: str) -> None:
         )
 
 
-def _stop_on_non_finite_loss(run: _Run, gathered: torch.Tensor, inputs: Tuple[torch.Tensor, ...]) -> None:
-    """Raise for a NaN/inf loss, saying whether the data or the weights caused it.
+def _non_finite_sources(batch: Dict[str, Any]) -> List[str]:
+    """``"sample <index> scene <k> (<file>): <tensors>"`` for every scene of the batch with a NaN or infinite value."""
+    found: Dict[Tuple[int, int], List[str]] = {}
+    for key in ("latent_mean", "latent_std", "prompt_embeds", "pixels"):
+        for scene, tensor in enumerate(batch.get(key, [])):
+            for row in range(tensor.shape[0]):
+                if not bool(torch.isfinite(tensor[row]).all()):
+                    found.setdefault((row, scene), []).append(key)
+    return [
+        f"sample {int(batch['indices'][row])} scene {scene + 1} ({batch['sources'][row][scene]}): {', '.join(keys)}"
+        for (row, scene), keys in sorted(found.items())
+    ]
 
-    Finite inputs mean the weights diverged: the checkpoint saved just before (with those weights) is renamed
-    to ``checkpoint-<step>.diverged`` so that neither this message nor ``latest`` ever offers it.
-    """
+
+def _stop_on_non_finite(run: _Run, what: str, batch: Dict[str, Any], inputs: Tuple[torch.Tensor, ...], probe: Any) -> None:
+    """Raise for a NaN/inf loss or gradient norm, saying whether the data (naming the samples and files) or the
+    weights caused it. Diverged weights set aside every checkpoint holding them (see `_set_aside_diverged`)."""
     accelerator, step = run.accelerator, run.progress.global_step + 1
     finite_inputs = all(bool(torch.isfinite(t).all()) for t in inputs)
     flags = accelerator.gather(torch.tensor([1.0 if finite_inputs else 0.0], device=accelerator.device))
     if float(flags.min()) < 1.0:
-        cause, trust = "some latents or prompt embeddings of the batch are not finite (damaged data)", True
+        where = "on another process"
+        if not finite_inputs:  # the loaded tensors name their files; else encoding or the empty prompt made it
+            where = "; ".join(_non_finite_sources(batch)) or "after encoding, in the batch of " + "; ".join(
+                f"sample {int(index)} ({', '.join(files)})" for index, files in zip(batch["indices"], batch["sources"]))
+        cause = f"some latents or prompt embeddings of the batch are not finite (damaged data: {where})"
+        good, advice = run.last_good(True), "Remove or re-create those samples (`mask2dit precompute` for cache files), then resume from it."
     else:
-        cause, trust = "the inputs are finite, so the weights diverged", False
-        suspect = run.unconfirmed_checkpoint
-        if suspect:
-            if accelerator.is_main_process and os.path.isdir(suspect):
-                os.rename(suspect, suspect + ".diverged")
-            cause += f"; {suspect} holds those weights and was renamed to {suspect}.diverged"
+        cause = "the inputs are finite, so the weights diverged" + _set_aside_diverged(run, probe)
+        good, advice = run.last_good(False), run.advice(False)
     raise NonFiniteLossError(
-        f"The loss became {gathered.tolist()} at step {step} (epoch {run.progress.epoch}): {cause}; "
-        f"training stopped without saving. {run.last_good(trust)} {run.advice(trust)}"
+        f"{what} at step {step} (epoch {run.progress.epoch}): {cause}; training stopped without saving or applying it. "
+        f"{good} {advice}"
     )
+
+
+def _set_aside_diverged(run: _Run, probe: Any) -> str:
+    """Rename the unconfirmed checkpoint (it holds the weights that just diverged) to ``.diverged``; when no
+    checkpoint of this run is confirmed and it resumed, load the older checkpoints newest first until one passes
+    ``probe()`` (a finite loss and gradient norm), renaming those that fail. Returns the clause that says so."""
+    accelerator, renamed = run.accelerator, []
+    suspects = [run.unconfirmed_checkpoint] if run.unconfirmed_checkpoint else []
+    run.unconfirmed_checkpoint = None
+    if run.last_checkpoint is None and run.resumed:
+        for _, path in reversed(list_checkpoints(run.config.output_dir)):
+            if path in suspects or verify_checkpoint(path):
+                continue
+            try:
+                check_resumable_by(path, run.config)
+                load_training_state(accelerator, path)
+            except ValueError as error:  # another run's checkpoint, or a refused file: not a candidate
+                logger.warning(f"Not probing {path}: {error}")
+                continue
+            if probe():
+                run.last_checkpoint = path
+                break
+            suspects.append(path)
+    accelerator.wait_for_everyone()
+    for path in suspects:
+        if accelerator.is_main_process and os.path.isdir(path):
+            os.rename(path, path + ".diverged")
+        renamed.append(f"; {path} {'holds those weights' if not renamed else 'also fails a probe step'} and was renamed to {path}.diverged")
+    return "".join(renamed)
+
+
+def _probe_step(run: _Run, diffusion: Any, prompt_embeds: torch.Tensor) -> bool:
+    """Whether the current weights give a finite loss and gradient norm on this batch, on every process (no update)."""
+    accelerator = run.accelerator
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = training_loss(run.transformer, diffusion, prompt_embeds, run.config.mask_variant, dtype=run.weight_dtype)
+    finite = _is_finite(loss.detach())
+    if finite:
+        accelerator.backward(loss)
+        finite = _is_finite(accelerator.clip_grad_norm_(run.transformer.parameters(), float("inf")))
+    run.optimizer.zero_grad(set_to_none=True)
+    flags = accelerator.gather(torch.tensor([1.0 if finite else 0.0], device=accelerator.device))
+    return float(flags.min()) == 1.0
 
 
 def _apply_update(run: _Run) -> None:
@@ -343,11 +408,16 @@ def _training_step(run: _Run, batch: Dict[str, Any]) -> Tuple[float, Optional[to
         )
         loss = training_loss(run.transformer, diffusion, prompt_embeds, config.mask_variant, dtype=run.weight_dtype)
         gathered = accelerator.gather(loss.detach().reshape(1))
+        inputs = (latent_mean, latent_std, prompt_embeds)
+        probe = lambda: _probe_step(run, diffusion, prompt_embeds)  # noqa: E731
         if not torch.isfinite(gathered).all():
-            _stop_on_non_finite_loss(run, gathered, (latent_mean, latent_std, prompt_embeds))
-        run.confirm_checkpoint()  # the weights of the newest checkpoint gave a finite loss
+            _stop_on_non_finite(run, f"The loss became {gathered.tolist()}", batch, inputs, probe)
         accelerator.backward(loss)
-        grad_norm = _clip_gradients(run)
+        grad_norm, checked = _clip_gradients(run)
+        if checked and not _is_finite(grad_norm):
+            _stop_on_non_finite(run, f"The gradient norm became {float(grad_norm)}", batch, inputs, probe)
+        if accelerator.sync_gradients:
+            run.confirm_checkpoint()  # a whole step from the newest checkpoint's weights was finite
         _apply_update(run)
     return float(gathered.mean()), grad_norm, diffusion
 
@@ -430,8 +500,10 @@ def _train_and_save(run: _Run, progress_bar: Any) -> str:
         accelerator.wait_for_everyone()
         _check_weights_finite(run, "the final weights")
         return save_final_weights(accelerator, run.transformer, config, run.weight_dtype)
+    except NonFiniteLossError:
+        raise
     except RuntimeError as error:
-        if isinstance(error, NonFiniteLossError) or accelerator.num_processes == 1 or not _is_collective_failure(error):
+        if accelerator.num_processes == 1 or not _is_collective_failure(error):
             raise
         raise CollectiveTimeoutError(
             f"Process {accelerator.process_index} waited longer than `collective_timeout` ({config.collective_timeout} s) "
@@ -447,6 +519,7 @@ def train(config: TrainingConfig) -> TrainingResult:
     Raises:
         ValueError: a bad option, model, data or output folder (before the first step), or a damaged checkpoint.
         NonFiniteLossError: the loss, gradient norm or weights became NaN/inf; no bad state was saved.
+        DiskFullError: a save ran out of space; what was saved before is intact.
         CollectiveTimeoutError: a process of a multi-process run hung or died.
     """
     from tqdm.auto import tqdm
