@@ -37,6 +37,7 @@ from .checkpoints import (  # noqa: F401  (list_checkpoints: imported from here 
 )
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset
+from .fsdp import local_shard
 from .loss import drop_captions, loss_summary, prepare_diffusion_batch, training_loss
 from .outputs import save_final_weights
 from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders, load_null_prompt
@@ -278,7 +279,7 @@ def _clip_gradients(run: _Run) -> Optional[torch.Tensor]:
 
 def _check_weights_finite(run: _Run, what: str) -> None:
     """Stop before ``what`` (a save) when a trainable weight is NaN or infinite on any process."""
-    tensors = [getattr(p, "ds_tensor", p).detach() for p in run.transformer.parameters() if p.requires_grad]
+    tensors = [local_shard(p).detach() for p in run.transformer.parameters() if p.requires_grad]
     finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
     flags = run.accelerator.gather(torch.tensor([1.0 if finite else 0.0], device=run.accelerator.device))
     if float(flags.min()) < 1.0:

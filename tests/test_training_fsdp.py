@@ -1,0 +1,200 @@
+"""FSDP2 (``fully_shard`` through accelerate) on CPU processes with gloo, launched with the environment
+``accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml`` sets up.
+
+Each step uses the whole tiny dataset (global batch 4 = 4 samples), so 1, 2 and 4 processes see the same
+samples with the same per-sample noise, and must reach the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffusers_mask2dit.training import train
+from diffusers_mask2dit.training.checkpoints import list_checkpoints, verify_checkpoint
+from test_training_fixtures import lora_tensors, tiny_config, write_sft_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FSDP2_CONFIG = os.path.join(REPO, "examples", "accelerate_configs", "fsdp2.yaml")
+STEPS = 3
+# Global batch 4 in every layout: (processes, train_batch_size, gradient_accumulation_steps).
+LAYOUTS = {1: (2, 2), 2: (1, 2), 4: (1, 1)}
+
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from diffusers_mask2dit.training import checkpoints, train
+    from diffusers_mask2dit.training.config import TrainingConfig
+
+    kill_at = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    original = checkpoints.write_manifest
+
+    def write_manifest(folder, step):
+        if step == kill_at:  # every process wrote its shards of this checkpoint, the manifest is not written
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(folder, step)
+
+    checkpoints.write_manifest = write_manifest
+    train(TrainingConfig.from_dict(json.load(open(sys.argv[1]))))
+    """
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fsdp_environment(num_processes: int) -> dict:
+    """The variables `accelerate launch` sets for ``fsdp2.yaml`` (read by accelerate's own code), on CPU."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", FSDP2_CONFIG, "--num_processes", str(num_processes), "run.py"])
+    args, _, _ = _validate_launch_command(args)
+    launch = prepare_multi_gpu_env(args)
+    env = dict(os.environ, **{k: v for k, v in launch.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))})
+    src = os.path.join(REPO, "src")
+    return dict(env, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
+
+
+def _launch(config, num_processes: int, workdir, kill_at: int = 0) -> subprocess.CompletedProcess:
+    config_path = workdir / f"{os.path.basename(config.output_dir)}.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    script = workdir / "run_fsdp.py"
+    script.write_text(RUN_SCRIPT)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_addr",
+        "127.0.0.1", "--master_port", str(_free_port()), str(script), str(config_path), str(kill_at),
+    ]
+    return subprocess.run(command, env=_fsdp_environment(num_processes), capture_output=True, text=True, timeout=400,
+                          cwd=str(workdir))
+
+
+def _config(world, name: str, num_processes: int, **overrides):
+    batch, accumulation = LAYOUTS[num_processes]
+    values = dict(
+        data_file=world["data"], max_train_steps=STEPS, train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        cond_prob=0.5, max_grad_norm=0.05, learning_rate=1e-2, lr_scheduler="linear", lr_warmup_steps=1,
+        checkpointing_steps=1, finetune="full",
+    )
+    values.update(overrides)
+    return tiny_config(world["model"], str(world["root"] / name), **values)
+
+
+def _transformer_tensors(output_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def _assert_launched(completed: subprocess.CompletedProcess) -> None:
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from diffusers_mask2dit.tiny import save_tiny_cogvideox
+
+    root = tmp_path_factory.mktemp("fsdp")
+    model = save_tiny_cogvideox(str(root / "model"))
+    data = write_sft_jsonl(str(root), num_videos=4, shots=2, frames=9)
+    world = {"root": root, "model": model, "data": data}
+    world["single"] = _config(world, "single", 1)
+    train(world["single"])  # plain single-process run: the reference
+    return world
+
+
+@pytest.fixture(scope="module")
+def two_process_run(world):
+    config = _config(world, "fsdp-2", 2)
+    _assert_launched(_launch(config, 2, world["root"]))
+    return config
+
+
+def _assert_sharded_checkpoint(path: str, num_processes: int) -> None:
+    assert verify_checkpoint(path) is None
+    manifest = json.load(open(os.path.join(path, "checkpoint_manifest.json"), encoding="utf-8"))["files"]
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):  # DCP: one shard file per process + metadata
+        assert {f"{folder}/__{rank}_0.distcp" for rank in range(num_processes)} | {f"{folder}/.metadata"} <= set(manifest)
+    assert not any(name.endswith(".safetensors") and "model" in name for name in manifest)  # never a full copy
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_fsdp2_full_finetune_matches_one_process(world, two_process_run, num_processes):
+    if num_processes == 2:
+        config = two_process_run
+    else:
+        config = _config(world, f"fsdp-{num_processes}", num_processes)
+        _assert_launched(_launch(config, num_processes, world["root"]))
+    _assert_sharded_checkpoint(os.path.join(config.output_dir, f"checkpoint-{STEPS}"), num_processes)
+
+    reference, sharded = _transformer_tensors(world["single"].output_dir), _transformer_tensors(config.output_dir)
+    assert sorted(reference) == sorted(sharded)
+    base = _transformer_tensors_of_base(world)
+    for key in reference:
+        torch.testing.assert_close(sharded[key], reference[key], atol=2e-6, rtol=1e-4, msg=key)
+    assert max(float((reference[k] - base[k]).abs().max()) for k in base) > 1e-3  # it trained
+
+
+def _transformer_tensors_of_base(world) -> dict:
+    from diffusers_mask2dit import Mask2DiTTransformer3DModel
+
+    base = Mask2DiTTransformer3DModel.from_pretrained(world["model"], subfolder="transformer")
+    return {k: v.float() for k, v in base.state_dict().items()}
+
+
+def test_fsdp2_killed_mid_save_resumes_exactly(world, two_process_run):
+    config = _config(world, "fsdp-2-killed", 2)
+    killed = _launch(config, 2, world["root"], kill_at=2)
+    assert killed.returncode != 0
+    assert [step for step, _ in list_checkpoints(config.output_dir)] == [1]
+    assert os.path.isdir(os.path.join(config.output_dir, ".tmp-checkpoint-2"))  # the interrupted save, never listed
+
+    config.resume_from_checkpoint = "latest"
+    _assert_launched(_launch(config, 2, world["root"]))
+    assert [step for step, _ in list_checkpoints(config.output_dir)] == [1, 2, 3]
+    _assert_sharded_checkpoint(os.path.join(config.output_dir, "checkpoint-3"), 2)
+    straight, resumed = _transformer_tensors(two_process_run.output_dir), _transformer_tensors(config.output_dir)
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_lora_under_fsdp2_matches_one_process_and_loads_in_the_pipeline(world):
+    from diffusers_mask2dit import Mask2DiTPipeline
+
+    lora = dict(finetune="lora", lora_rank=4, lora_alpha=16.0, max_train_steps=2, checkpointing_steps=0)
+    single = _config(world, "lora-single", 1, **lora)
+    trained = train(single).transformer
+    config = _config(world, "lora-fsdp-2", 2, **lora)
+    _assert_launched(_launch(config, 2, world["root"]))
+    reference, sharded = lora_tensors(single.output_dir), lora_tensors(config.output_dir)
+    assert sorted(reference) == sorted(sharded)
+    for key in reference:
+        torch.testing.assert_close(sharded[key], reference[key], atol=2e-6, rtol=1e-4, msg=key)
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 6, 4, 8, 8, generator=generator)
+    embeds = torch.randn(1, 2 * 226, 32, generator=generator)
+    timestep = torch.tensor([[0, 700]])
+
+    def run(transformer):
+        with torch.no_grad():
+            return transformer.eval()(latents, embeds, timestep, scene_frames=[3, 3]).sample
+
+    pipe = Mask2DiTPipeline.from_pretrained(world["model"])
+    base = run(pipe.transformer)
+    pipe.load_lora_weights(config.output_dir)
+    loaded = run(pipe.transformer)
+    torch.testing.assert_close(loaded, run(trained), atol=1e-5, rtol=1e-5)
+    assert (loaded - base).abs().max() > 1e-3  # the adapter does something
