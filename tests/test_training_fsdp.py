@@ -21,7 +21,8 @@ from diffusers_mask2dit.training.checkpoints import list_checkpoints, verify_che
 from test_training_fixtures import lora_tensors, tiny_config, write_sft_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FSDP2_CONFIG = os.path.join(REPO, "examples", "accelerate_configs", "fsdp2.yaml")
+CONFIGS = os.path.join(REPO, "examples", "accelerate_configs")
+FSDP2_CONFIG = os.path.join(CONFIGS, "fsdp2.yaml")
 STEPS = 3
 # Global batch 4 in every layout: (processes, train_batch_size, gradient_accumulation_steps).
 LAYOUTS = {1: (2, 2), 2: (1, 2), 4: (1, 1)}
@@ -54,21 +55,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fsdp_environment(num_processes: int) -> dict:
-    """The variables `accelerate launch` sets for ``fsdp2.yaml`` (read by accelerate's own code), on CPU."""
+def _engine_environment(config_file: str, num_processes: int) -> dict:
+    """The engine's variables `accelerate launch --config_file <config_file>` sets (computed by accelerate's own
+    code), for CPU processes; the training config's `mixed_precision` ("no") stays in force."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     parser = launch_command_parser()
-    args = parser.parse_args(["--config_file", FSDP2_CONFIG, "--num_processes", str(num_processes), "run.py"])
-    args, _, _ = _validate_launch_command(args)
-    launch = prepare_multi_gpu_env(args)
-    env = dict(os.environ, **{k: v for k, v in launch.items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))})
+    args = parser.parse_args(["--config_file", config_file, "--num_processes", str(num_processes), "run.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        launch = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        launch = prepare_multi_gpu_env(args)
+    engine = ("FSDP_", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_", "ACCELERATE_CONFIG_DS")
+    env = dict(os.environ, **{k: v for k, v in launch.items() if k.startswith(engine)})
     src = os.path.join(REPO, "src")
     return dict(env, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, env.get("PYTHONPATH", "")]))
 
 
-def _launch(config, num_processes: int, workdir, kill_at: int = 0) -> subprocess.CompletedProcess:
+def _launch(config, num_processes: int, workdir, kill_at: int = 0, engine: str = FSDP2_CONFIG) -> subprocess.CompletedProcess:
     config_path = workdir / f"{os.path.basename(config.output_dir)}.json"
     config_path.write_text(json.dumps(config.to_dict()))
     script = workdir / "run_fsdp.py"
@@ -77,7 +84,7 @@ def _launch(config, num_processes: int, workdir, kill_at: int = 0) -> subprocess
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_addr",
         "127.0.0.1", "--master_port", str(_free_port()), str(script), str(config_path), str(kill_at),
     ]
-    return subprocess.run(command, env=_fsdp_environment(num_processes), capture_output=True, text=True, timeout=400,
+    return subprocess.run(command, env=_engine_environment(engine, num_processes), capture_output=True, text=True, timeout=400,
                           cwd=str(workdir))
 
 
@@ -198,3 +205,27 @@ def test_lora_under_fsdp2_matches_one_process_and_loads_in_the_pipeline(world):
     loaded = run(pipe.transformer)
     torch.testing.assert_close(loaded, run(trained), atol=1e-5, rtol=1e-5)
     assert (loaded - base).abs().max() > 1e-3  # the adapter does something
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO (runs on CPU processes too)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_full_finetune_matches_one_process_and_resumes_exactly(world, stage):
+    pytest.importorskip("deepspeed")
+    engine = os.path.join(CONFIGS, f"deepspeed_zero{stage}.yaml")
+    config = _config(world, f"zero{stage}-2", 2)
+    _assert_launched(_launch(config, 2, world["root"], engine=engine))
+    assert verify_checkpoint(os.path.join(config.output_dir, f"checkpoint-{STEPS}")) is None
+    reference, sharded = _transformer_tensors(world["single"].output_dir), _transformer_tensors(config.output_dir)
+    assert sorted(reference) == sorted(sharded)
+    for key in reference:
+        torch.testing.assert_close(sharded[key], reference[key], atol=2e-6, rtol=1e-4, msg=key)
+
+    resumed = _config(world, f"zero{stage}-2-resumed", 2, resume_from_checkpoint=os.path.join(config.output_dir, "checkpoint-1"))
+    _assert_launched(_launch(resumed, 2, world["root"], engine=engine))
+    resumed_weights = _transformer_tensors(resumed.output_dir)
+    for key in sharded:
+        assert torch.equal(resumed_weights[key], sharded[key]), key

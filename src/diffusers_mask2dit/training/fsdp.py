@@ -2,15 +2,11 @@
 
 accelerate does the sharding (one unit per ``CogVideoXBlock`` plus the root), the mixed-precision policy,
 sharded checkpoints (``torch.distributed.checkpoint``, one file per process) and gathering the full
-weights at the end; this module only
-
-- turns that same code path on for CPU processes (gloo), where accelerate enables FSDP only on GPUs and
-  other accelerators: the tests and CPU clusters run exactly what GPUs run;
-- refuses settings that would break the run's guarantees, with an error naming the option:
-  FSDP1 with LoRA (one dtype per unit, but LoRA keeps frozen 16-bit weights beside fp32 adapters),
-  a non-sharded checkpoint type (``FULL_STATE_DICT`` pickles the whole model with ``torch.save``), and
-  two kinds of activation checkpointing at once;
-- gives the local shard of a parameter, for checks that look at every weight on every process.
+weights at the end (:mod:`.engines` turns the same path on for CPU processes). This module refuses
+settings that would break the run's guarantees, with an error naming the option: FSDP1 with LoRA (one
+dtype per unit, but LoRA keeps frozen 16-bit weights beside fp32 adapters), a non-sharded checkpoint type
+(``FULL_STATE_DICT`` pickles the whole model with ``torch.save``), and two kinds of activation
+checkpointing at once.
 
 The training config's ``gradient_checkpointing`` is the one way to checkpoint activations (diffusers'
 per-block checkpointing, which runs inside the FSDP units); keep ``fsdp_activation_checkpointing: false``.
@@ -18,45 +14,10 @@ per-block checkpointing, which runs inside the FSDP units); keep ``fsdp_activati
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
-
 from .config import TrainingConfig
-
-FSDP_CONFIG_EXAMPLE = "examples/accelerate_configs/fsdp2.yaml"
-
-
-def fsdp_requested() -> bool:
-    """Whether this process was launched for FSDP (``accelerate launch`` with an FSDP config sets this)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def enable_fsdp_on_cpu(accelerator: Any) -> None:
-    """Put accelerate's FSDP2 code path in force for a multi-process CPU run launched for FSDP.
-
-    accelerate reads the FSDP options from the ``FSDP_*`` variables of the launch but keeps a CPU run in
-    plain data parallelism (``MULTI_CPU``). The run becomes ``FSDP`` here, before anything is prepared,
-    exactly as accelerate sets it up on GPUs: the plugin in the state, and the distributed type in both
-    the accelerator's and the process' shared state (accelerate copies the latter over the former).
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    if not fsdp_requested() or accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables, as accelerate builds it on GPUs
-    if plugin.fsdp_version != 2:
-        raise ValueError(
-            f"`fsdp_version` is {plugin.fsdp_version}; FSDP on CPU (gloo) runs only FSDP2: set `fsdp_version: 2` "
-            f"(see {FSDP_CONFIG_EXAMPLE})."
-        )
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
-    accelerator.state.fsdp_plugin = plugin
-    accelerator.state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+from .engines import FSDP_CONFIG_EXAMPLE
 
 
 def check_fsdp_options(accelerator: Any, config: TrainingConfig) -> None:
@@ -84,11 +45,3 @@ def check_fsdp_options(accelerator: Any, config: TrainingConfig) -> None:
             "are on; they recompute the same blocks. Keep `gradient_checkpointing` and set "
             "`fsdp_activation_checkpointing: false`."
         )
-
-
-def local_shard(parameter: torch.Tensor) -> torch.Tensor:
-    """The values of ``parameter`` this process holds: FSDP2's local shard of a DTensor, DeepSpeed ZeRO-3's
-    partition, or the parameter itself (replicated)."""
-    parameter = getattr(parameter, "ds_tensor", parameter)
-    to_local = getattr(parameter, "to_local", None)  # torch.distributed.tensor.DTensor
-    return to_local() if callable(to_local) else parameter

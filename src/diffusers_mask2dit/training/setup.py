@@ -13,7 +13,8 @@ import torch
 
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset, VideoSource, collate_scenes, load_training_records
-from .fsdp import check_fsdp_options, enable_fsdp_on_cpu
+from .engines import enable_engine_on_cpu
+from .fsdp import check_fsdp_options
 from .precompute import open_cache
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def create_accelerator(config: TrainingConfig) -> Tuple[Any, str]:
             f"Launched as {launched} processes but accelerate runs {accelerator.num_processes}; on a machine without "
             "GPUs set ACCELERATE_USE_CPU=true for multi-process (gloo) training."
         )
-    enable_fsdp_on_cpu(accelerator)  # accelerate itself turns FSDP on only on GPUs
+    enable_engine_on_cpu(accelerator)  # accelerate itself turns FSDP / DeepSpeed on only on GPUs
     check_fsdp_options(accelerator, config)
     return accelerator, report_to
 

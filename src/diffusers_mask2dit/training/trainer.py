@@ -37,7 +37,7 @@ from .checkpoints import (  # noqa: F401  (list_checkpoints: imported from here 
 )
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset
-from .fsdp import local_shard
+from .engines import local_shard
 from .loss import drop_captions, loss_summary, prepare_diffusion_batch, training_loss
 from .outputs import save_final_weights
 from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders, load_null_prompt
