@@ -229,3 +229,25 @@ def test_deepspeed_zero_full_finetune_matches_one_process_and_resumes_exactly(wo
     resumed_weights = _transformer_tensors(resumed.output_dir)
     for key in sharded:
         assert torch.equal(resumed_weights[key], sharded[key]), key
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory per GPU by engine (benchmarks/bench_training_engines.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_engine_memory_estimate_shards_the_state_and_agrees_with_the_measured_step():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_training_engines", os.path.join(REPO, "benchmarks", "bench_training_engines.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    payload = bench.main(["--quick", "--no-save", "--gpus", "1,2,4"])
+    per_gpu, P = payload["per_gpu_bytes"], payload["layout"]["P"]
+    single = payload["single_gpu_step"]["peak_total_bytes"]
+    # Counted fp32 state (weights, gradients, AdamW: 16 bytes per parameter) + measured activations ~ the measured step.
+    assert abs(16 * P + payload["activations_bytes"] - single) / single < 0.1
+    assert per_gpu["ddp"][1] == single and per_gpu["ddp"][2] == per_gpu["ddp"][4] > single
+    for engine in ("zero2", "zero3", "fsdp2"):
+        assert per_gpu[engine][1] > per_gpu[engine][2] > per_gpu[engine][4], engine
+        assert per_gpu[engine][2] - per_gpu[engine][4] >= 16 * P / 4  # the sharded state halves again

@@ -40,6 +40,10 @@ def enable_engine_on_cpu(accelerator: Any) -> None:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin()
+        if not hasattr(plugin, "fsdp_version"):
+            import accelerate
+
+            raise ValueError(f"FSDP2 needs accelerate 1.6 or newer; accelerate {accelerate.__version__} is installed.")
         if plugin.fsdp_version != 2:
             raise ValueError(
                 f"`fsdp_version` is {plugin.fsdp_version}; FSDP on CPU (gloo) runs only FSDP2: set `fsdp_version: 2` "
