@@ -251,3 +251,45 @@ def test_engine_memory_estimate_shards_the_state_and_agrees_with_the_measured_st
     for engine in ("zero2", "zero3", "fsdp2"):
         assert per_gpu[engine][1] > per_gpu[engine][2] > per_gpu[engine][4], engine
         assert per_gpu[engine][2] - per_gpu[engine][4] >= 16 * P / 4  # the sharded state halves again
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings refused with an error naming the option
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "plugin_options, config_options, expected",
+    [
+        (dict(fsdp_version=1), dict(finetune="lora"), "`fsdp_version: 2`"),
+        (dict(fsdp_version=2, state_dict_type="FULL_STATE_DICT"), {}, "`fsdp_state_dict_type` is FULL_STATE_DICT"),
+        (dict(fsdp_version=2, activation_checkpointing=True), dict(gradient_checkpointing=True), "fsdp_activation_checkpointing"),
+    ],
+)
+def test_fsdp_settings_that_would_break_the_run_are_refused(plugin_options, config_options, expected):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from diffusers_mask2dit.training import TrainingConfig
+    from diffusers_mask2dit.training.fsdp import check_fsdp_options
+
+    plugin = FullyShardedDataParallelPlugin(**plugin_options)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    config = TrainingConfig(**dict(dict(finetune="full"), **config_options))
+    with pytest.raises(ValueError, match=expected.replace("`", ".")):
+        check_fsdp_options(accelerator, config)
+    check_fsdp_options(accelerator.__class__(distributed_type=DistributedType.MULTI_CPU), config)  # no FSDP: no check
+
+
+def test_fsdp1_on_cpu_is_refused_naming_fsdp_version(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from diffusers_mask2dit.training.engines import enable_engine_on_cpu
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="`fsdp_version` is 1; FSDP on CPU"):
+        enable_engine_on_cpu(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="no"))
