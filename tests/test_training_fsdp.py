@@ -1,5 +1,6 @@
-"""FSDP2 (``fully_shard`` through accelerate) on CPU processes with gloo, launched with the environment
-``accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml`` sets up.
+"""The sharding engines on CPU processes with gloo: FSDP2 (``fully_shard`` through accelerate) and DeepSpeed
+ZeRO-2/3, each launched with the environment ``accelerate launch --config_file examples/accelerate_configs/<engine>.yaml``
+sets up; and the per-GPU memory estimate of the engines.
 
 Each step uses the whole tiny dataset (global batch 4 = 4 samples), so 1, 2 and 4 processes see the same
 samples with the same per-sample noise, and must reach the same weights.
@@ -18,6 +19,7 @@ import torch
 
 from diffusers_mask2dit.training import train
 from diffusers_mask2dit.training.checkpoints import list_checkpoints, verify_checkpoint
+from test_training_distributed import _free_port
 from test_training_fixtures import lora_tensors, tiny_config, write_sft_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,14 +47,6 @@ RUN_SCRIPT = textwrap.dedent(
     train(TrainingConfig.from_dict(json.load(open(sys.argv[1]))))
     """
 )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _engine_environment(config_file: str, num_processes: int) -> dict:
@@ -212,23 +206,42 @@ def test_lora_under_fsdp2_matches_one_process_and_loads_in_the_pipeline(world):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_full_finetune_matches_one_process_and_resumes_exactly(world, stage):
+@pytest.mark.parametrize("stage, cond_prob", [(2, 0.5), (3, 0.0)])  # ZeRO-3 refuses conditional samples (below)
+def test_deepspeed_zero_full_finetune_matches_one_process_and_resumes_exactly(world, stage, cond_prob):
     pytest.importorskip("deepspeed")
     engine = os.path.join(CONFIGS, f"deepspeed_zero{stage}.yaml")
-    config = _config(world, f"zero{stage}-2", 2)
+    single = world["single"]
+    if cond_prob != single.cond_prob:
+        single = _config(world, f"single-cond{cond_prob}", 1, cond_prob=cond_prob)
+        train(single)
+    config = _config(world, f"zero{stage}-2", 2, cond_prob=cond_prob)
     _assert_launched(_launch(config, 2, world["root"], engine=engine))
     assert verify_checkpoint(os.path.join(config.output_dir, f"checkpoint-{STEPS}")) is None
-    reference, sharded = _transformer_tensors(world["single"].output_dir), _transformer_tensors(config.output_dir)
+    reference, sharded = _transformer_tensors(single.output_dir), _transformer_tensors(config.output_dir)
     assert sorted(reference) == sorted(sharded)
     for key in reference:
         torch.testing.assert_close(sharded[key], reference[key], atol=2e-6, rtol=1e-4, msg=key)
 
-    resumed = _config(world, f"zero{stage}-2-resumed", 2, resume_from_checkpoint=os.path.join(config.output_dir, "checkpoint-1"))
+    resumed = _config(world, f"zero{stage}-2-resumed", 2, cond_prob=cond_prob,
+                      resume_from_checkpoint=os.path.join(config.output_dir, "checkpoint-1"))
     _assert_launched(_launch(resumed, 2, world["root"], engine=engine))
     resumed_weights = _transformer_tensors(resumed.output_dir)
     for key in sharded:
         assert torch.equal(resumed_weights[key], sharded[key]), key
+
+
+def test_zero3_with_conditional_samples_is_refused_before_it_hangs():
+    from types import SimpleNamespace
+
+    from diffusers_mask2dit.training import TrainingConfig
+    from diffusers_mask2dit.training.engines import check_zero3_options
+
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    with pytest.raises(ValueError, match="ZeRO-3 cannot train SFT with `cond_prob` 0.5"):
+        check_zero3_options(zero3, TrainingConfig(stage="sft", cond_prob=0.5))
+    check_zero3_options(zero3, TrainingConfig(stage="pretrain", cond_prob=0.5))  # pretraining has no conditional samples
+    zero2 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    check_zero3_options(zero2, TrainingConfig(stage="sft", cond_prob=0.5))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,14 +6,21 @@ for GPUs and other accelerators: a CPU run (gloo) stays plain data parallel (``M
 becomes ``FSDP`` or ``DEEPSPEED`` before anything is prepared, with the plugin accelerate itself builds from
 those variables, so that the tests and CPU clusters run the same code path as GPUs: sharding, sharded
 checkpoints, gathering the final weights.
+
+Also here, for every device: loading the frozen models whole under ZeRO-3, refusing ZeRO-3 where it would
+hang, and the local shard of a parameter (for checks that look at every weight on every process).
+FSDP's own option checks are in :mod:`.fsdp`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+
+from .config import TrainingConfig
 
 FSDP_CONFIG_EXAMPLE = "examples/accelerate_configs/fsdp2.yaml"
 
@@ -63,6 +70,43 @@ def enable_engine_on_cpu(accelerator: Any) -> None:
         plugin.select(_from_accelerator_state=True)
         accelerator.state.deepspeed_plugins = plugin
         _set_distributed_type(accelerator, DistributedType.DEEPSPEED)
+
+
+def check_zero3_options(accelerator: Any, config: TrainingConfig) -> None:
+    """Refuse ZeRO-3 with conditional samples, which would hang the run.
+
+    ZeRO-3 gathers each module's weights with a collective when the module runs, so every process must run
+    the same modules the same number of times. A conditional SFT sample (clean context scenes at timestep 0)
+    takes the per-scene modulation path and an unconditional one the stock path, and which one a process
+    draws differs between processes: the processes would wait for each other for good. FSDP2 gathers whole
+    blocks and ZeRO-2 keeps whole weights, so neither depends on the path.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3 or config.effective_cond_prob == 0:
+        return
+    raise ValueError(
+        f"DeepSpeed ZeRO-3 cannot train SFT with `cond_prob` {config.cond_prob}: conditional and unconditional samples "
+        "run different modules, and ZeRO-3 gathers weights per module with collectives, so the processes would hang. "
+        f"Use FSDP2 ({FSDP_CONFIG_EXAMPLE}) or ZeRO-2, or `cond_prob: 0`."
+    )
+
+
+@contextmanager
+def whole_frozen_models(accelerator: Any) -> Iterator[None]:
+    """Load models whole under DeepSpeed ZeRO-3: while its config is active, transformers partitions every
+    model it loads (``zero.Init``), whatever ``zero3_init_flag`` says, and the frozen VAE and T5, which are
+    never prepared, would stay partitioned (empty weights)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # the transformer's engine is set up with it
 
 
 def local_shard(parameter: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset, VideoSource, collate_scenes, load_training_records
-from .engines import enable_engine_on_cpu
+from .engines import check_zero3_options, enable_engine_on_cpu
 from .fsdp import check_fsdp_options
 from .precompute import open_cache
 
@@ -75,6 +75,7 @@ def create_accelerator(config: TrainingConfig) -> Tuple[Any, str]:
         )
     enable_engine_on_cpu(accelerator)  # accelerate itself turns FSDP / DeepSpeed on only on GPUs
     check_fsdp_options(accelerator, config)
+    check_zero3_options(accelerator, config)
     return accelerator, report_to
 
 
