@@ -181,8 +181,9 @@ def predict(
         dtype: dtype of the model inputs (the frozen weights' dtype); defaults to the latents' dtype.
     """
     dtype = dtype or batch.noisy_latents.dtype
-    # The transformer runs without RoPE unless given one (as stock CogVideoX); accelerate may have wrapped it.
-    config = getattr(transformer, "config", None) or transformer.module.config
+    # The transformer runs without RoPE unless given one (as stock CogVideoX). accelerate may have wrapped it:
+    # DDP and DeepSpeed hold it as `.module` (DeepSpeed's own `.config` is its engine settings).
+    config = getattr(transformer, "module", transformer).config
     height, width = batch.noisy_latents.shape[-2:]
     image_rotary_emb = scene_rotary_emb(config, height, width, batch.scene_frames, batch.noisy_latents.device)
     return transformer(

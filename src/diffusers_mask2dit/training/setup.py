@@ -13,6 +13,8 @@ import torch
 
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset, VideoSource, collate_scenes, load_training_records
+from .engines import check_zero3_options, enable_engine_on_cpu
+from .fsdp import check_fsdp_options
 from .precompute import open_cache
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ def create_accelerator(config: TrainingConfig) -> Tuple[Any, str]:
             f"Launched as {launched} processes but accelerate runs {accelerator.num_processes}; on a machine without "
             "GPUs set ACCELERATE_USE_CPU=true for multi-process (gloo) training."
         )
+    enable_engine_on_cpu(accelerator)  # accelerate itself turns FSDP / DeepSpeed on only on GPUs
+    check_fsdp_options(accelerator, config)
+    check_zero3_options(accelerator, config)
     return accelerator, report_to
 
 

@@ -41,6 +41,7 @@ from .checkpoints import (  # noqa: F401  (list_checkpoints, DiskFullError: impo
 )
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset
+from .engines import local_shard, whole_frozen_models
 from .loss import drop_captions, loss_summary, prepare_diffusion_batch, training_loss
 from .outputs import save_final_weights
 from .precompute import WEIGHT_DTYPES, SceneEncoder, load_encoders, load_null_prompt
@@ -156,9 +157,10 @@ def _start(config: TrainingConfig) -> _Run:
 
     dataset, sampler, dataloader = build_dataloader(config, accelerator.num_processes, accelerator.is_main_process)
     try:
-        transformer = load_transformer(config)
-        noise_scheduler = CogVideoXDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler")
-        encoder = None if config.cache_dir else load_encoders(config, accelerator.device, weight_dtype)
+        with whole_frozen_models(accelerator):
+            transformer = load_transformer(config)
+            noise_scheduler = CogVideoXDPMScheduler.from_pretrained(config.pretrained_model_name_or_path, subfolder="scheduler")
+            encoder = None if config.cache_dir else load_encoders(config, accelerator.device, weight_dtype)
     except OSError as error:  # a folder without the CogVideoX components, or a Hub id that cannot be fetched
         raise ValueError(
             f"`pretrained_model_name_or_path` {config.pretrained_model_name_or_path!r}"
@@ -234,7 +236,7 @@ def _resume(run: _Run) -> None:
     logger.info(
         f"{len(run.dataset)} samples, {len(run.dataloader)} batches per process per epoch, global batch {run.global_batch} x "
         f"{config.gradient_accumulation_steps} accumulation, {config.max_train_steps} steps, finetune={config.finetune}, "
-        f"stage={config.stage}, trainable parameters {sum(p.numel() for p in run.trainable):,}"
+        f"stage={config.stage}, trainable parameters {sum(getattr(p, 'ds_numel', p.numel()) for p in run.trainable):,}"
     )
 
 
@@ -288,7 +290,7 @@ def _is_finite(value: Any) -> bool:
 
 def _check_weights_finite(run: _Run, what: str) -> None:
     """Stop before ``what`` (a save) when a trainable weight is NaN or infinite on any process."""
-    tensors = [getattr(p, "ds_tensor", p).detach() for p in run.transformer.parameters() if p.requires_grad]
+    tensors = [local_shard(p).detach() for p in run.transformer.parameters() if p.requires_grad]
     finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
     flags = run.accelerator.gather(torch.tensor([1.0 if finite else 0.0], device=run.accelerator.device))
     if float(flags.min()) < 1.0:
