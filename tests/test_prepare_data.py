@@ -124,3 +124,24 @@ def test_output_trains_unchanged(prepared, tmp_path):
     finally:
         AcceleratorState._reset_state()
     assert os.listdir(tmp_path / "train")
+
+
+def test_table3_script_smoke(tmp_path):
+    """The Table 3 script end to end on 2 films, 1 SFT step per threshold and 2 held-out samples (the real run is
+    hours of CPU and runs in the background, never in CI)."""
+    from accelerate.state import AcceleratorState
+
+    from diffusers_mask2dit.shapes import films_table
+    from diffusers_mask2dit.shapes.retrain import Recipe
+
+    try:
+        text = films_table.films_table(str(tmp_path / "run"), thresholds=(0.0, 0.6), steps=1, num_samples=2, batch_size=2,
+                                       num_films=2, in_process=True, recipe=Recipe.smoke())
+    finally:
+        AcceleratorState._reset_state()
+    table = json.load(open(tmp_path / "run" / "table.json", encoding="utf-8"))
+    assert sorted(table["rows"]) == ["t0.0", "t0.6"] and table["missing"] == []
+    kept = {name: row["groups"]["kept"] for name, row in table["rows"].items()}
+    assert kept["t0.0"] == table["rows"]["t0.0"]["groups"]["total"] >= kept["t0.6"]
+    assert "| 0.0 |" in text and "| 0.6 |" in text
+    assert os.path.islink(tmp_path / "run" / "cache" / "t0.6" / "latents")  # one encoding of the clips for all sets

@@ -12,14 +12,10 @@ pytest.importorskip("cv2")
 
 from diffusers_mask2dit.cli import main as cli_main  # noqa: E402
 from diffusers_mask2dit.shapes import films, world  # noqa: E402
+from test_prepare_data import read_jsonl  # noqa: E402
 
 FILM_ARGS = ["--num-frames", "9", "--height", "48", "--width", "48", "--threshold", "4", "--min-detect-frames", "8",
              "--no-progress"]
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 @pytest.fixture(scope="module")

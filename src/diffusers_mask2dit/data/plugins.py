@@ -54,27 +54,33 @@ def _is_module_spec(spec: str) -> bool:
     return ":" in spec and not os.path.exists(spec) and not spec.startswith("cmd:")
 
 
+def _build(spec: str, registry: Dict[str, Callable[[], Any]], option: str, from_folder: Callable[[str], Any], accepted: str) -> Any:
+    """The object a registered name, ``module:factory`` or folder spec builds; a ValueError naming ``option`` else."""
+    if spec in registry:
+        return registry[spec]()
+    if _is_module_spec(spec):
+        return _import_factory(spec, option)()
+    if os.path.isdir(spec):
+        return from_folder(spec)
+    known = ", ".join(sorted(registry)) or "none registered"
+    raise ValueError(f"`{option}` {spec!r} is not a folder, a registered name ({known}) or module:factory; give {accepted}.")
+
+
+def _clip_encoder(path: str, device: Optional[str]) -> Any:
+    from ..evaluation.encoders import CLIPVideoEncoder
+
+    try:
+        return CLIPVideoEncoder.from_pretrained(path, device=device, local_files_only=True)
+    except ValueError as error:
+        raise ValueError(f"`--encoder` {path}: {error}") from None
+
+
 def load_encoder(spec: str, device: Optional[str] = None) -> Optional[Any]:
     """The encoder a spec names, or None for ``none``; a ValueError naming ``--encoder`` otherwise."""
     if spec == "none":
         return None
-    if spec in ENCODERS:
-        encoder = ENCODERS[spec]()
-    elif _is_module_spec(spec):
-        encoder = _import_factory(spec, "--encoder")()
-    elif os.path.isdir(spec):
-        from ..evaluation.encoders import CLIPVideoEncoder
-
-        try:
-            encoder = CLIPVideoEncoder.from_pretrained(spec, device=device, local_files_only=True)
-        except ValueError as error:
-            raise ValueError(f"`--encoder` {spec}: {error}") from None
-    else:
-        known = ", ".join(sorted(ENCODERS)) or "none registered"
-        raise ValueError(
-            f"`--encoder` {spec!r} is not a folder, a registered name ({known}) or module:factory; "
-            "give a CLIP model folder, module:factory, or none."
-        )
+    encoder = _build(spec, ENCODERS, "--encoder", lambda path: _clip_encoder(path, device),
+                     "a CLIP model folder, module:factory, or none")
     if not callable(getattr(encoder, "encode_video", None)):
         raise ValueError(f"`--encoder` {spec!r} built a {type(encoder).__name__} without encode_video(frames).")
     return encoder
@@ -120,18 +126,8 @@ def load_captioner(spec: str, device: Optional[str] = None) -> Optional[Any]:
         return None
     if spec.startswith("cmd:"):
         return CommandCaptioner(spec[4:])
-    if spec in CAPTIONERS:
-        captioner = CAPTIONERS[spec]()
-    elif _is_module_spec(spec):
-        captioner = _import_factory(spec, "--captioner")()
-    elif os.path.isdir(spec):
-        captioner = ImageToTextCaptioner(spec, device)
-    else:
-        known = ", ".join(sorted(CAPTIONERS)) or "none registered"
-        raise ValueError(
-            f"`--captioner` {spec!r} is not a folder, cmd:COMMAND, a registered name ({known}) or module:factory; "
-            "give one of those, or none."
-        )
+    captioner = _build(spec, CAPTIONERS, "--captioner", lambda path: ImageToTextCaptioner(path, device),
+                       "an image-to-text model folder, cmd:COMMAND, module:factory, or none")
     if not callable(getattr(captioner, "caption", None)):
         raise ValueError(f"`--captioner` {spec!r} built a {type(captioner).__name__} without caption(frames, context).")
     return captioner

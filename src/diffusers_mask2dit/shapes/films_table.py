@@ -50,7 +50,7 @@ def name_of(threshold: float) -> str:
     return f"t{threshold:.1f}"
 
 
-def prepare_sets(run: Run, thresholds: Sequence[float]) -> None:
+def prepare_sets(run: Run, thresholds: Sequence[float]) -> None:  # noqa: D103
     """``data/sft-<name>.json`` for every threshold (the per-video work is done once, then only regrouped)."""
     from ..data import prepare_data
 
@@ -61,8 +61,8 @@ def prepare_sets(run: Run, thresholds: Sequence[float]) -> None:
         shutil.copyfile(run.path("data", "sft.json"), run.path("data", f"sft-{name}.json"))
 
 
-def sft_config(run: Run, threshold: float, steps: int, transformer: str) -> Dict[str, Any]:
-    recipe = Recipe()
+def sft_config(run: Run, threshold: float, steps: int, transformer: str, recipe: Optional[Recipe] = None) -> Dict[str, Any]:
+    recipe = recipe or Recipe()
     name = name_of(threshold)
     return dict(recipe.common, num_scenes=3, **dict(recipe.sft, max_train_steps=steps), mask_variant="v2",
                 pretrained_model_name_or_path=shapes_model.shipped_model_path(), transformer_path=transformer,
@@ -84,9 +84,12 @@ def score_threshold(run: Run, threshold: float, num_samples: int, batch_size: in
 
 def table(run: Run, thresholds: Sequence[float], steps: int, transformer: str) -> str:
     """``table.md`` (and ``table.json``) from the scores and the data reports."""
-    rows, data = [], {}
-    for threshold in thresholds:
+    rows, data, missing = [], {}, []
+    for threshold in sorted(thresholds):
         name = name_of(threshold)
+        if not os.path.isfile(run.path("scores", f"{name}.json")):
+            missing.append(f"{threshold:.1f}")
+            continue
         with open(run.path("scores", f"{name}.json"), encoding="utf-8") as handle:
             summary = json.load(handle)["summary"]
         with open(run.path("data", f"report-{name}.json"), encoding="utf-8") as handle:
@@ -94,9 +97,11 @@ def table(run: Run, thresholds: Sequence[float], steps: int, transformer: str) -
         data[name] = {"summary": summary, "groups": groups}
         cells = [ablation._fmt(summary[key]) for key in ("prompt_accuracy", "identity_consistency", *ablation.PAPER_METRICS)]
         rows.append(f"| {threshold:.1f} | {groups['kept']} of {groups['total']} | " + " | ".join(cells) + " |")
+    samples = next(iter(data.values()))["summary"]["prompt_accuracy"]["n"] if data else 0
     text = "\n".join([
-        f"SFT from `{transformer}` for {steps:,} steps per row (equal budget); {data[name_of(thresholds[0])]['summary']['prompt_accuracy']['n']} "
-        "held-out 3-scene samples per row (the ablation's), mean ± 95% interval (Student-t over samples).",
+        f"SFT from `{transformer}` for {steps:,} steps per row (equal budget); {samples} held-out 3-scene samples per row "
+        "(the ablation's), mean ± 95% interval (Student-t over samples)."
+        + (f" Rows not finished yet: {', '.join(missing)}." if missing else ""),
         "",
         "| min similarity | groups kept | prompt accuracy | identity consistency | visual | semantic | sequence |",
         "|---|---|---|---|---|---|---|",
@@ -105,23 +110,37 @@ def table(run: Run, thresholds: Sequence[float], steps: int, transformer: str) -
         "The paper's Table 3 (ViCLIP, 256x384; visual / semantic / sequence): "
         + "; ".join(f"{key} {v:.2f} / {s:.2f} / {q:.2f}" for key, (v, s, q) in PAPER_TABLE3.items()) + ".",
     ])
-    _write_json({"steps": steps, "transformer": transformer, "rows": data}, run.path("table.json"))
+    _write_json({"steps": steps, "transformer": transformer, "rows": data, "missing": missing}, run.path("table.json"))
     with open(run.path("table.md"), "w", encoding="utf-8") as handle:
         handle.write(text + "\n")
     return text
 
 
+def share_latents(run: Run, name: str) -> None:
+    """Point ``cache/<name>/latents`` at one ``cache/latents`` folder: the thresholds' sets share clips, and a clip's
+    latents depend only on the clip and the settings, so each clip is encoded once for all sets."""
+    os.makedirs(run.path("cache", "latents"), exist_ok=True)
+    link = run.path("cache", name, "latents")
+    if not os.path.lexists(link):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.join("..", "latents"), link)
+
+
 def films_table(out: str, thresholds: Sequence[float] = THRESHOLDS, steps: int = 600, transformer: Optional[str] = None,
-                num_samples: int = 200, batch_size: int = 16, threads: Optional[int] = None) -> str:
-    run = Run(out, threads)
+                num_samples: int = 200, batch_size: int = 16, threads: Optional[int] = None, num_films: int = NUM_FILMS,
+                in_process: bool = False, recipe: Optional[Recipe] = None) -> str:
+    """Run every step (see the module doc) into ``out``; returns the table's markdown. ``in_process``: the
+    ``mask2dit`` commands in this interpreter; ``recipe``: training settings other than ``Recipe()``'s (tests)."""
+    run = Run(out, threads, in_process)
     transformer = os.path.abspath(transformer or os.path.join(shapes_model.shipped_model_path(), "transformer"))
     run.step("films", run.path("films", "truth.jsonl"),
-             lambda: films.write_films(run.path("films"), NUM_FILMS, SHOTS_PER_FILM, UNRELATED_FRACTION, FILMS_SEED))
+             lambda: films.write_films(run.path("films"), num_films, SHOTS_PER_FILM, UNRELATED_FRACTION, FILMS_SEED))
     run.step("prepare", run.path("data", f"sft-{name_of(thresholds[-1])}.json"), lambda: prepare_sets(run, thresholds))
     for threshold in thresholds:
         name = name_of(threshold)
-        config = sft_config(run, threshold, steps, transformer)
+        config = sft_config(run, threshold, steps, transformer, recipe)
         precompute = {key: value for key, value in config.items() if key != "transformer_path"}
+        share_latents(run, name)
         run.step(f"precompute {name}", os.path.join(config["cache_dir"], "cache_index.json"),
                  lambda precompute=precompute, name=name: run.mask2dit("precompute", precompute, f"precompute-{name}"))
         run.step(f"train {name}", os.path.join(config["output_dir"], "transformer"),
@@ -141,8 +160,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--table-only", action="store_true", help="only write the table of the rows scored so far")
+    parser.add_argument("--films", type=int, default=NUM_FILMS, help=f"films of {SHOTS_PER_FILM} shots (default {NUM_FILMS})")
     args = parser.parse_args(argv)
-    print(films_table(args.run, args.thresholds, args.steps, args.transformer, args.num_samples, args.batch_size, args.threads))
+    if args.table_only:
+        transformer = args.transformer or os.path.join(shapes_model.shipped_model_path(), "transformer")
+        print(table(Run(args.run), args.thresholds, args.steps, os.path.abspath(transformer)))
+        return 0
+    print(films_table(args.run, args.thresholds, args.steps, args.transformer, args.num_samples, args.batch_size, args.threads,
+                      args.films))
     return 0
 
 
