@@ -125,3 +125,20 @@ def test_caption_file_and_command_captioner(tmp_path, capsys):
     assert code == 0, stderr
     for shot in read_jsonl(os.path.join(third, "shots.jsonl")):
         assert shot["caption"] == f"shot {os.path.join(third, shot['clip'])}"
+
+
+def test_a_clip_folder_is_an_encoder(tmp_path, capsys):
+    from diffusers_mask2dit.evaluation.encoders import save_tiny_clip
+
+    folder = tmp_path / "videos"
+    films.write_films(str(folder), 1, 4, unrelated_fraction=0.5, seed=13, progress=False)
+    os.remove(folder / "truth.jsonl")
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    out = str(tmp_path / "out")
+    code, _, stderr = run(["prepare-data", "--videos", str(folder), "--out", out, "--encoder", clip, "--min-similarity", "-1",
+                           *FILM_ARGS], capsys)
+    assert code == 0, stderr
+    groups = read_jsonl(os.path.join(out, "sft.jsonl"))
+    assert len(groups) == 2 and all(-1.0 <= g["relevance"] <= 1.0 for g in groups)
+    report = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
+    assert sum(report["similarity_histogram"]["counts"]) == 2
