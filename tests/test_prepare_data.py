@@ -126,6 +126,7 @@ def test_output_trains_unchanged(prepared, tmp_path):
     assert os.listdir(tmp_path / "train")
 
 
+@pytest.mark.slow
 def test_table3_script_smoke(tmp_path):
     """The Table 3 script end to end on 2 films, 1 SFT step per threshold and 2 held-out samples (the real run is
     hours of CPU and runs in the background, never in CI)."""
