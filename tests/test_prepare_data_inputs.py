@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("scenedetect")
@@ -142,3 +143,17 @@ def test_a_clip_folder_is_an_encoder(tmp_path, capsys):
     assert len(groups) == 2 and all(-1.0 <= g["relevance"] <= 1.0 for g in groups)
     report = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
     assert sum(report["similarity_histogram"]["counts"]) == 2
+
+
+def test_grouping_and_clip_frames():
+    from diffusers_mask2dit.data.grouping import cosine_matrix, group_relevance, group_starts
+    from diffusers_mask2dit.data.shots import clip_indices
+
+    assert group_starts(7, 3, "sliding") == [0, 1, 2, 3, 4]
+    assert group_starts(7, 3, "disjoint") == [0, 3]
+    assert group_starts(2, 3, "sliding") == []
+    similarity = cosine_matrix(np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert group_relevance(similarity, 0, 3) == pytest.approx(1 / 3)
+    assert clip_indices(10, 27, 9, 3).tolist() == list(range(10, 27, 2))  # 17 frames: stride 2 covers the shot
+    assert clip_indices(0, 100, 9, 3).tolist() == list(range(37, 62, 3))  # long shot: stride 3, 25-frame window centred
+    assert clip_indices(0, 8, 9, 3) is None  # shorter than a clip
