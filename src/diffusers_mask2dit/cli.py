@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "diffusers_mask2dit.training.cli",
     "diffusers_mask2dit.hub.cli",
     "diffusers_mask2dit.evaluation.cli",
+    "diffusers_mask2dit.data.cli",
 )
 
 _DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
