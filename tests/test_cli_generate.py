@@ -82,7 +82,7 @@ def test_demo_runs_multiscene_and_extension_offline(tmp_path, capsys):
     assert cli.main(["demo", "--random-weights", "--out", str(tmp_path / "demo")]) == 0
     captured = capsys.readouterr()
     assert "RANDOM" in captured.out and "not quality" in captured.out and "extended" in captured.out
-    from diffusers_mask2dit.generation_cli import DEMO_PROMPTS
+    from diffusers_mask2dit.shapes.demo import DEMO_PROMPTS
 
     assert_outputs(tmp_path / "demo", DEMO_PROMPTS)
     # every progress bar says what it counts (tqdm prints "desc: 50%|..." or, without one, just " 50%|...")

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _refuse(command: str, error: Exception) -> int:
-    """Bad input (a folder, file or option the command cannot take): one line on stderr, exit code 2, as for every
-    sub-command. Failures of a valid request (an upload that fails) exit with 1 instead."""
-    print(f"mask2dit {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
-    return 2
+from ..cli_utils import fail
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -36,7 +31,7 @@ def _build(args: argparse.Namespace) -> int:
             verify=args.verify,
         )
     except (BuildError, ValueError) as error:
-        return _refuse("hub build", error)
+        return fail("hub build", error)
     print(result.summary())
     return 0
 
@@ -48,7 +43,7 @@ def _push(args: argparse.Namespace) -> int:
         plan = plan_push(args.folder, args.repo, revision=args.revision, private=args.private,
                          commit_message=args.commit_message)
     except PushError as error:
-        return _refuse("hub push", error)
+        return fail("hub push", error)
     print(plan.describe())
     if args.dry_run:
         print("Dry run: nothing was uploaded.")
@@ -56,8 +51,7 @@ def _push(args: argparse.Namespace) -> int:
     try:
         info = push_folder(plan)
     except Exception as error:  # network / auth errors from huggingface_hub; their text holds no token
-        print(f"mask2dit hub push: upload failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return fail("hub push", RuntimeError(f"upload failed: {type(error).__name__}: {error}"), code=1)
     url = getattr(info, "commit_url", None) or getattr(info, "repo_url", None) or ""
     print(f"Uploaded to {plan.repo_id}" + (f": {url}" if url else "."))
     return 0
@@ -69,8 +63,7 @@ def _bundle(args: argparse.Namespace) -> int:
     try:
         bundle = bundle_pipeline()
     except BundleError as error:
-        print(f"mask2dit hub bundle: error: {error}", file=sys.stderr)
-        return 1
+        return fail("hub bundle", error, code=1)
     if args.out == "-":
         sys.stdout.write(bundle.source)
     else:
@@ -85,7 +78,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         report = convert_official(args.src, args.out, verify=args.verify, overwrite=args.overwrite, link=args.link)
     except ConversionError as error:
-        return _refuse("convert-official", error)
+        return fail("convert-official", error)
     print(report.summary())
     print(f"Report: {report.output}/mask2dit_conversion.json")
     return 0
