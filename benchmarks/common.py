@@ -333,10 +333,18 @@ def default_output(name: str, args: argparse.Namespace, device_label: Optional[s
 
 def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
               device_label: Optional[str] = None) -> Optional[Path]:
-    """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``."""
+    """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``.
+
+    Without ``--output`` an existing result (the recorded ones are tracked files) is never replaced: the new one goes
+    beside it, named with the time; pass ``--output`` with the recorded file's path to replace it on purpose.
+    """
     if args.no_save:
         return None
     path = Path(args.output) if args.output else default_output(name, args, device_label)
+    if not args.output and path.exists():
+        kept = path
+        path = path.with_name(f"{path.stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+        print(f"{kept} exists and is kept (pass --output {kept} to replace it)", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     if isinstance(payload.get("machine"), dict):
@@ -345,9 +353,11 @@ def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
         except OSError:
             pass
     payload["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else ""
-    with open(path, "w") as handle:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
         handle.write("\n")
+    os.replace(tmp, path)  # a crash never leaves a half-written result
     print(f"results written to {path}", flush=True)
     return path
 

@@ -42,10 +42,11 @@ def saved_latents(folder):
 
 def assert_outputs(folder, prompts, frames_per_scene=9, size=64):
     """The files `mask2dit evaluate` and `mask2dit extend` read: video.mp4, scene_XX.mp4, contact_sheet.png,
-    prompts.txt, latents.safetensors."""
+    prompts.txt, latents.safetensors, settings.json."""
     names = sorted(os.listdir(folder))
     scene_names = [f"scene_{i:02d}.mp4" for i in range(len(prompts))]
-    assert names == sorted(["video.mp4", "contact_sheet.png", "prompts.txt", "latents.safetensors"] + scene_names)
+    files = ["video.mp4", "contact_sheet.png", "prompts.txt", "latents.safetensors", "settings.json"]
+    assert names == sorted(files + scene_names)
     with open(os.path.join(folder, "prompts.txt"), encoding="utf-8") as handle:
         assert handle.read().splitlines() == prompts
     scenes = [read_video(os.path.join(folder, name)) for name in scene_names]
@@ -117,8 +118,10 @@ def test_generate_then_extend_continues_from_the_exact_latents(model, pipe, tmp_
     assert_outputs(extended, prompts + ["a bird flies over the sea"])
     latents = saved_latents(extended)
     assert torch.equal(latents[:, :6], generated)  # the context, bit for bit
+    # `extend` reuses the guidance recorded in --from (1.0; the pipeline's default would be 6.0)
     reference = pipe.extend(prompt="a bird flies over the sea", context_prompts=prompts, context_latents=generated,
-                            num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(5))
+                            num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                            generator=torch.Generator().manual_seed(5))
     assert torch.equal(latents, reference.frames)  # the new scene is what the Python API makes from those latents
     for name in ("scene_00.mp4", "scene_01.mp4"):  # earlier scenes: their files, unchanged
         assert (out / name).read_bytes() == (extended / name).read_bytes()

@@ -125,7 +125,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="Upload a built folder with huggingface_hub (token from `hf auth login`; never printed).",
     )
     push.add_argument("--folder", required=True, help="Folder written by `mask2dit hub build`.")
-    push.add_argument("--repo", required=True, help="Hub model repo id, owner/name (created if missing).")
+    push.add_argument(
+        "--repo-id", "--repo", dest="repo", required=True,
+        help="Hub model repo id, owner/name (created if missing); --repo is the same option (older name)",
+    )
     push.add_argument("--revision", help="Branch to upload to (created from main if missing).")
     push.add_argument("--private", action="store_true", help="Create the repo as private (an existing repo keeps its visibility).")
     push.add_argument("--commit-message", help="Commit message.")
