@@ -488,8 +488,9 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline):
                 ``sample_frames`` (49). One scene takes any count `CogVideoXPipeline` takes; several scenes need
                 counts `is_valid_num_frames` accepts (1, 9, ..., 49 for CogVideoX).
             prompt_embeds, negative_prompt_embeds: instead of prompts, per-scene embeddings ``(B, n, L, D)``, or
-                ``(B, L, D)`` for one scene (as `encode_prompt` returns them). Without ``negative_prompt_embeds``,
-                guidance encodes ``negative_prompt`` (default "").
+                ``(B, L, D)`` for one scene (as `encode_prompt` returns them: B one-scene videos, so `encode_prompt`
+                of n scene prompts gives n videos; ``embeds[None]`` is one video of n scenes). Without
+                ``negative_prompt_embeds``, guidance encodes ``negative_prompt`` (default "").
             attention_kwargs: ``scene_mask`` ("v1", "v2", "v3", "full"), ``attention_backend`` and LoRA ``scale``.
             latents: initial noise ``(B * num_videos_per_prompt, F_latent, C, height / 8, width / 8)``.
             output_type: "pil", "np", "pt" or "latent".
