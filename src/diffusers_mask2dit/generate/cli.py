@@ -150,8 +150,14 @@ def add_sampling_options(parser: argparse.ArgumentParser, defaults: Dict[str, st
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**64 - 1 (default: 0)")
     parser.add_argument("--steps", type=int, default=None, help=f"denoising steps, >= 1 (default: {defaults['steps']})")
-    parser.add_argument("--height", type=int, default=None, help=f"pixels, a multiple of 16 (default: {defaults['height']})")
-    parser.add_argument("--width", type=int, default=None, help=f"pixels, a multiple of 16 (default: {defaults['width']})")
+    parser.add_argument(
+        "--height", type=int, default=None,
+        help=f"pixels, a multiple of the VAE factor x patch size, 16 for CogVideoX (default: {defaults['height']})",
+    )
+    parser.add_argument(
+        "--width", type=int, default=None,
+        help=f"pixels, a multiple of the VAE factor x patch size, 16 for CogVideoX (default: {defaults['width']})",
+    )
     parser.add_argument(
         "--frames", type=int, default=None, help=f"pixel frames per scene: 1, 9, 17, ... (default: {defaults['frames']})"
     )

@@ -56,11 +56,13 @@ def shipped_defaults_help() -> Dict[str, str]:
         defaults = json.load(handle)
     with open(os.path.join(SHIPPED_MODEL_DIR, "transformer", "config.json"), encoding="utf-8") as handle:
         config = json.load(handle)
+    with open(os.path.join(SHIPPED_MODEL_DIR, "vae", "config.json"), encoding="utf-8") as handle:
+        vae_factor = 2 ** (len(json.load(handle)["block_out_channels"]) - 1)  # as the pipeline computes it
     return {
         "steps": f"{defaults['num_inference_steps']}, the Shapes model's; {RANDOM_WEIGHTS_STEPS} with --random-weights",
         "guidance": f"{defaults['guidance_scale']}, the Shapes model's; 6.0 with --random-weights",
-        "height": f"{config['sample_height'] * 8}, the Shapes model's",
-        "width": f"{config['sample_width'] * 8}, the Shapes model's",
+        "height": f"{config['sample_height'] * vae_factor}, the Shapes model's",
+        "width": f"{config['sample_width'] * vae_factor}, the Shapes model's",
         "frames": f"{config['sample_frames']}, the Shapes model's",
         "mask": f"{config.get('attn_mask_variant', 'v2')}, the Shapes model's",
     }
