@@ -112,6 +112,70 @@ def check_authors_matches_dense(layout: SceneLayout, batch: int = 2, heads: int 
 
 
 # --------------------------------------------------------------------------------------------------
+# A reference for sequences too long for SDPA with a dense mask: fp32 math on sampled query rows.
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_query_rows(layout: SceneLayout, per_segment: int = 4) -> torch.Tensor:
+    """Query positions to check: the first, last and ``per_segment - 2`` evenly spaced rows of every scene's
+    text and video segment (so every (query kind, scene) block of the mask is covered). Sorted, int64."""
+    rows = set()
+    for kind in (TEXT, VIDEO):
+        for start, end in layout.segments(kind):
+            count = min(per_segment, end - start)
+            rows.update(start + (i * (end - start - 1)) // max(1, count - 1) for i in range(count))
+    return torch.tensor(sorted(rows), dtype=torch.long)
+
+
+def mask_rows(layout: SceneLayout, variant: str, rows: torch.Tensor, device=None) -> torch.Tensor:
+    """Rows ``rows`` of ``build_dense_mask(layout, variant)``, bool ``(R, L)``, without building the L×L mask."""
+    out = torch.zeros(len(rows), layout.total, dtype=torch.bool, device=device)
+    for query_kind in (TEXT, VIDEO):
+        for qi, (q0, q1) in enumerate(layout.segments(query_kind)):
+            hit = ((rows >= q0) & (rows < q1)).nonzero().flatten().tolist()
+            if not hit:
+                continue
+            for key_kind in (TEXT, VIDEO):
+                for ki, (k0, k1) in enumerate(layout.segments(key_kind)):
+                    if allowed(variant, query_kind, qi, key_kind, ki):
+                        out[hit, k0:k1] = True
+    return out
+
+
+def sampled_rows_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+    grad_out: Optional[torch.Tensor] = None, chunk: int = 16,
+):
+    """Masked attention in fp32 math for the query rows ``rows`` only: ``(out_rows, dq_rows)``, each
+    ``(B, H, R, D)`` fp32 (``dq_rows`` None without ``grad_out``, the ``(B, H, L, D)`` gradient of the output).
+
+    ``mask`` is the ``(R, L)`` boolean mask of those rows (:func:`mask_rows`). The gradient of a query row needs
+    only its own row of probabilities: ``dq_i = scale * sum_j P_ij (g_i . v_j - g_i . o_i) k_j``. Rows are taken
+    ``chunk`` at a time so that the ``(B, H, chunk, L)`` scores stay small at any ``L``.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    key32, value32 = key.detach().float(), value.detach().float()
+    outs, dqs = [], []
+    for first in range(0, len(rows), chunk):
+        index = rows[first : first + chunk].to(query.device)
+        q = query.detach()[:, :, index].float()
+        scores = (q @ key32.transpose(-1, -2)) * scale
+        scores.masked_fill_(~mask[first : first + chunk].to(query.device), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        out = probs @ value32
+        outs.append(out)
+        if grad_out is not None:
+            g = grad_out[:, :, index].float()
+            d_probs = g @ value32.transpose(-1, -2)
+            d_scores = probs * (d_probs - (g * out).sum(-1, keepdim=True))
+            del d_probs
+            dqs.append((d_scores @ key32) * scale)
+        del probs
+    return torch.cat(outs, dim=2), (torch.cat(dqs, dim=2) if grad_out is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------
 # FlexAttention (torch.nn.attention.flex_attention): what an expert would reach for to run a custom mask.
 # --------------------------------------------------------------------------------------------------
 

@@ -11,8 +11,13 @@ Methods (all computing the v2 mask except `unmasked`):
                the BlockMask is built once per shape, outside the timings (its cost is reported apart).
                torch 2.13 has no FlexAttention backward on CPU: there it runs in the forward table only.
 
-Every method is first checked against the dense-mask result (forward and gradients) at the benchmark
-shape, then timed round-robin (median), then its peak extra memory is measured in a separate call.
+Every method is first checked at the benchmark shape against a reference (``--reference``): up to 65,536 tokens
+SDPA with the dense mask (forward and all gradients); beyond, fp32 math on sampled query rows (their outputs and
+query gradients), since torch <= 2.11's boolean-mask SDPA kernel overflows 32-bit offsets there and the dense
+mask is then timed only. FlexAttention is checked last (its BlockMask and compile take longest). Then every
+method is timed round-robin (median), then its peak extra memory is measured in a separate call. The JSON is
+saved after every method checked, every round of timings and every memory figure (``"complete": false`` until
+the end), so a run stopped by a time limit keeps what it measured. ``--modes forward`` leaves out the backward.
 ``--skip`` leaves methods out (e.g. ``ours[dense]``, which rebuilds the L×L mask on every call, at paper scale).
 
     python benchmarks/bench_attention.py            # CPU, fp32, the issue's CPU shapes
@@ -48,6 +53,9 @@ from baselines import (  # noqa: E402
     flex_backward_error,
     flex_block_mask,
     flex_scene_attention,
+    mask_rows,
+    sample_query_rows,
+    sampled_rows_attention,
     unmasked_attention,
 )
 
@@ -71,6 +79,13 @@ GOALS = {
 # Issue 12 holds the GPU to FlashAttention's own speed: ours within 2% of unmasked flash attention.
 GPU_GOALS = dict(GOALS, ours_over_unmasked_max=1.02)
 MODES = ("forward", "forward_backward")
+# Up to this many tokens every method is checked against SDPA with the dense mask. Beyond it, torch <= 2.11's
+# boolean-mask (memory-efficient) SDPA kernel overflows 32-bit offsets (fixed upstream after 2.11), so the check
+# is against fp32 math on sampled query rows and the dense mask is timed only.
+DENSE_REFERENCE_MAX_LENGTH = 65_536
+DENSE_TIMED_ONLY = (f"above {DENSE_REFERENCE_MAX_LENGTH:,} tokens SDPA's boolean-mask kernel can overflow 32-bit "
+                    "offsets (torch <= 2.11): timed, its difference recorded, not held to the tolerance")
+SAMPLED_ROWS_PER_SEGMENT = 16
 
 
 def is_oom(error: BaseException) -> bool:
@@ -86,8 +101,8 @@ def parse_shape(text: str):
 
 def make_methods(layout: SceneLayout, device: torch.device, dtype: torch.dtype, mask: torch.Tensor,
                  flex_mode: str = "off", block_mask=None) -> Dict[str, Callable]:
-    """Every method of the table, by name; ``flex`` (FlexAttention with a v2 BlockMask) when ``flex_mode`` is
-    ``"compiled"`` or ``"eager"`` and ``block_mask`` is given."""
+    """Every method of the table, by name, in the order they are checked and timed; ``flex`` (FlexAttention with
+    a v2 BlockMask, last) when ``flex_mode`` is ``"compiled"`` or ``"eager"`` and ``block_mask`` is given."""
     methods: Dict[str, Callable] = {
         "ours[sdpa]": lambda q, k, v: scene_attention(q, k, v, layout, "v2", backend="sdpa"),
     }
@@ -98,9 +113,14 @@ def make_methods(layout: SceneLayout, device: torch.device, dtype: torch.dtype, 
     methods["dense_mask"] = lambda q, k, v: dense_mask_attention(q, k, v, mask)
     methods["authors"] = lambda q, k, v: authors_scene_attention(q, k, v, layout)
     if flex_mode != "off" and block_mask is not None:
-        compiled = flex_mode == "compiled"
-        methods["flex"] = lambda q, k, v: flex_scene_attention(q, k, v, block_mask, compiled=compiled)
+        methods["flex"] = flex_method(block_mask, flex_mode)
     return methods
+
+
+def flex_method(block_mask, flex_mode: str) -> Callable:
+    """FlexAttention over ``block_mask``, torch.compile'd when ``flex_mode`` is ``"compiled"``."""
+    compiled = flex_mode == "compiled"
+    return lambda q, k, v: flex_scene_attention(q, k, v, block_mask, compiled=compiled)
 
 
 def select_methods(methods: Dict[str, Callable], skip: List[str]) -> Tuple[Dict[str, Callable], str]:
@@ -167,44 +187,102 @@ def relative_error(out, ref) -> float:
     return (out - ref).abs().max().item() / max(1.0, ref.abs().max().item())
 
 
-def check_methods(methods: Dict[str, Callable], modes: Dict[str, List[str]], inputs: Inputs, tol: float,
-                  device: torch.device) -> Dict[str, Any]:
-    """Every method's output (and gradients, where it runs a backward) vs the dense-mask result, at the benchmark
-    shape; the calls double as a warm-up (and compile FlexAttention). The first method that ran is the reference
-    (the dense mask unless it ran out of memory). A method that runs out of GPU memory is listed in
-    ``out_of_memory``; one that raises or differs beyond ``tol`` in ``failed``: either is left out of the timings,
-    and the others are still measured (a GPU lease is not spent again for one broken method)."""
-    check: Dict[str, float] = {}
-    oom: List[str] = []
-    failed: Dict[str, str] = {}
-    ref: Dict[str, Any] = {}
-    for name in ["dense_mask"] + [m for m in methods if m != "dense_mask"]:
+def reference_kind(choice: str, length: int) -> str:
+    """``"dense"`` (SDPA with the dense mask, every output and gradient compared) or ``"sampled"`` (fp32 math
+    on sampled query rows); ``"auto"`` picks dense up to :data:`DENSE_REFERENCE_MAX_LENGTH` tokens."""
+    if choice == "auto":
+        return "dense" if length <= DENSE_REFERENCE_MAX_LENGTH else "sampled"
+    return choice
+
+
+def make_reference(kind: str, layout: SceneLayout, inputs: Inputs, mask: torch.Tensor, with_grads: bool,
+                   device: torch.device) -> Dict[str, Any]:
+    """What every method is checked against: ``out`` and ``grads`` (fp32) at the query ``rows`` (None: all).
+    Dense: the dense-mask result and its three gradients; should it fail (out of memory), the sampled one.
+    Sampled: fp32 math on :func:`baselines.sample_query_rows`, the output and the query gradient of those rows
+    (a key's or value's gradient needs every row; those are compared at the lengths where dense is used)."""
+    if kind == "dense":
+        dense = lambda q, k, v: dense_mask_attention(q, k, v, mask)  # noqa: E731
         try:
-            out = inputs.forward_fn(methods[name])().float()
-            with_grads = name in modes["forward_backward"]
-            grads = [g.float() for g in inputs.fwd_bwd_fn(methods[name])()] if with_grads else []
+            out = inputs.forward_fn(dense)().float()
+            grads = [g.float() for g in inputs.fwd_bwd_fn(dense)()] if with_grads else []
+            return {"name": "dense_mask", "out": out, "grads": grads, "rows": None}
+        except Exception as error:  # noqa: BLE001 - fall back to the sampled reference
+            print(f"   dense-mask reference failed ({type(error).__name__}: {str(error)[:200]}); using sampled rows",
+                  flush=True)
+            common.free_memory(device)
+    rows = sample_query_rows(layout, SAMPLED_ROWS_PER_SEGMENT)
+    out, dq = sampled_rows_attention(inputs.q, inputs.k, inputs.v, mask_rows(layout, "v2", rows, device), rows,
+                                     inputs.grad_out if with_grads else None)
+    return {"name": f"fp32 math on {len(rows)} sampled query rows", "out": out, "grads": [dq] if with_grads else [],
+            "rows": rows.to(device)}
+
+
+def compare_with_reference(out: torch.Tensor, grads: List[torch.Tensor], reference: Dict[str, Any]) -> float:
+    """Largest relative difference of ``out`` and ``grads`` from ``reference``'s (at its rows only, if sampled)."""
+    rows = reference["rows"]
+    if rows is not None:
+        out, grads = out[:, :, rows], [g[:, :, rows] for g in grads[: len(reference["grads"])]]
+    errors = [relative_error(out.float(), reference["out"])]
+    errors += [relative_error(g.float(), r) for g, r in zip(grads, reference["grads"])]
+    return max(errors)
+
+
+def check_methods(methods: Dict[str, Callable], modes: Dict[str, List[str]], inputs: Inputs, tol: float,
+                  device: torch.device, reference: Dict[str, Any], result: Dict[str, Any],
+                  save: Callable[[], None] = lambda: None) -> None:
+    """Every method's output (and gradients, where it runs a backward) vs ``reference``, at the benchmark shape,
+    into ``result`` and saved after each; the calls double as a warm-up (and compile FlexAttention). A method
+    that runs out of GPU memory goes to ``out_of_memory``; one that raises or differs beyond ``tol`` to
+    ``failed`` (unless it is in ``timed_only``): either is left out of the timings, and the others are still
+    measured (a GPU lease is not spent again for one broken method)."""
+    for name, fn in methods.items():
+        if name == reference["name"]:
+            continue
+        try:
+            out = inputs.forward_fn(fn)()
+            grads = list(inputs.fwd_bwd_fn(fn)()) if name in modes.get("forward_backward", []) else []
         except Exception as error:  # noqa: BLE001 - recorded, and the method left out
             if is_oom(error):
-                oom.append(name)
+                result["out_of_memory"].append(name)
             else:
-                failed[name] = f"{type(error).__name__}: {error}"[:2000]
-                print(f"   CHECK FAILED: {name} raised {failed[name]}", flush=True)
+                result["failed"][name] = f"{type(error).__name__}: {error}"[:2000]
+                print(f"   CHECK FAILED: {name} raised {result['failed'][name]}", flush=True)
             common.free_memory(device)
-            continue
-        if not ref:
-            ref.update(out=out, name=name, grads=grads)
+            save()
             continue
         if name == "unmasked":
-            ref["unmasked_diff"] = (out - ref["out"]).abs().max().item()
-            continue
-        err = max([relative_error(out, ref["out"])] + [relative_error(g, r) for g, r in zip(grads, ref["grads"])])
-        check[name] = err
-        if not err <= tol:
-            failed[name] = f"differs from {ref['name']} by {err:.3g} (tolerance {tol})"
-            print(f"   CHECK FAILED: {name} {failed[name]}", flush=True)
+            result["unmasked_diff"] = compare_with_reference(out, [], reference)
+        else:
+            err = compare_with_reference(out, grads, reference)
+            result["max_abs_diff_vs_reference"][name] = err
+            if not err <= tol and name not in result["timed_only"]:
+                result["failed"][name] = f"differs from {reference['name']} by {err:.3g} (tolerance {tol})"
+                print(f"   CHECK FAILED: {name} {result['failed'][name]}", flush=True)
         del out, grads
-    return {"max_abs_diff_vs_dense": check, "reference": ref.get("name"), "out_of_memory": oom, "failed": failed,
-            "unmasked_diff": ref.get("unmasked_diff", float("nan"))}
+        save()
+
+
+def add_flex(layout: SceneLayout, args, device: torch.device, dtype: torch.dtype, methods: Dict[str, Callable],
+             modes: Dict[str, List[str]], result: Dict[str, Any]) -> Dict[str, Callable]:
+    """Build FlexAttention's BlockMask (after the other methods' checks: it and the compile take longest) and add
+    ``flex`` to ``methods`` and ``modes`` (not to forward+backward where its backward cannot run); ``result``
+    records how. Returns ``{"flex": fn}`` to check, or nothing."""
+    flex = build_flex(layout, device, dtype, args.flex)
+    block_mask = flex.pop("block_mask")
+    result["flex"] = flex
+    if "error" in flex:
+        result["failed"]["flex"] = f"building its BlockMask: {flex['error']}"
+    if block_mask is None:
+        return {}
+    methods["flex"] = flex_method(block_mask, args.flex)
+    for mode in modes:
+        if mode == "forward_backward" and flex["backward_error"]:
+            result["not_run"]["forward_backward"]["flex"] = flex["backward_error"]
+        else:
+            modes[mode].append("flex")
+    print(f"   flex BlockMask built in {flex['block_mask_seconds']:.2f} s", flush=True)
+    return {"flex": methods["flex"]}
 
 
 def memory_not_measured(device: torch.device) -> Dict[str, str]:
@@ -215,12 +293,20 @@ def memory_not_measured(device: torch.device) -> Dict[str, str]:
                     "higher-order op nor a torch.compile'd kernel's buffers; measured on CUDA only"}
 
 
-def measure_mode(methods: Dict[str, Callable], names: List[str], maker, device, args, mask_bytes: int):
+def measure_mode(methods: Dict[str, Callable], names: List[str], maker, device, args, mask_bytes: int,
+                 record: Callable[[Dict[str, Any]], None] = lambda partial: None):
     """Median times (round-robin) and peak extra memory (one call each) of the methods ``names`` in one mode
-    (``maker`` turns a method into that mode's call)."""
-    warmup = max(0, args.warmup - 1)  # the correctness calls were the first warm-up
-    timings = common.time_round_robin({name: maker(methods[name]) for name in names}, device, warmup, args.repeats)
+    (``maker`` turns a method into that mode's call); ``record`` gets the figures so far after every round of
+    timings and every memory measurement."""
     memory: Dict[str, Any] = {}
+
+    def so_far(timings):
+        return {"complete": False, "methods": {name: {**timing, "peak_extra_bytes": memory.get(name)}
+                                               for name, timing in timings.items()}}
+
+    warmup = max(0, args.warmup - 1)  # the correctness calls were the first warm-up
+    timings = common.time_round_robin({name: maker(methods[name]) for name in names}, device, warmup, args.repeats,
+                                      on_round=lambda partial: record(so_far(partial)))
     for name in names:
         if name in memory_not_measured(device):
             memory[name] = None
@@ -228,6 +314,7 @@ def measure_mode(methods: Dict[str, Callable], names: List[str], maker, device, 
         common.free_memory(device)
         extra = common.measure_memory(maker(methods[name]), device)
         memory[name] = extra + (mask_bytes if name == "dense_mask" else 0)  # the prebuilt mask is its own
+        record(so_far(timings))
     common.free_memory(device)
     return timings, memory
 
@@ -276,66 +363,78 @@ def mode_report(mode: str, timings, memory, ours_name: str, goals_limits: Dict[s
             "ratios": ratios, "goals_met": goals}
 
 
-def run_shape(shape, args, device, dtype, on_mode: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+def run_shape(shape, args, device, dtype, on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Check, time and measure every method at ``shape``; ``on_progress`` (which saves) gets the result after
+    every method checked, every round of timings and every memory figure."""
     n, text, video, heads, dim = shape
     layout = SceneLayout.uniform(n, text, video)
-    L = layout.total
-    mask = build_dense_mask(layout, "v2").to(device)
-    mask_bytes = mask.numel() * mask.element_size()
-    flex = build_flex(layout, device, dtype, args.flex)
-    methods, ours_name = select_methods(make_methods(layout, device, dtype, mask, args.flex, flex["block_mask"]), args.skip)
-    not_run = {"forward_backward": {}}
-    if "flex" in methods and flex["backward_error"]:
-        not_run["forward_backward"]["flex"] = flex["backward_error"]
-    modes = {"forward": list(methods), "forward_backward": [m for m in methods if m not in not_run["forward_backward"]]}
-    inputs = Inputs(args.batch, heads, L, dim, device, dtype)
-    auto_backend = resolve_backend("auto", inputs.q)
-    print(f"\n== n={n} text={text} video={video} heads={heads} dim={dim} batch={args.batch}: L={L}, v2 keeps "
-          f"{allowed_pair_fraction(layout, 'v2') * 100:.2f}% of pairs; auto backend -> {auto_backend}"
-          + (f"; flex BlockMask built in {flex['block_mask_seconds']:.2f} s" if flex["block_mask"] is not None else "")
-          + "".join(f"; {name}: no backward ({why})" for name, why in not_run["forward_backward"].items()), flush=True)
-
-    # 1. Correctness at this shape: every method vs the dense-mask result (the calls double as a warm-up).
-    checked = check_methods(methods, modes, inputs, 2e-3 if dtype == torch.float32 else 3e-2, device)
-    if "error" in flex:
-        checked["failed"]["flex"] = f"building its BlockMask: {flex['error']}"
-    common.free_memory(device)
-    for name in checked["out_of_memory"] + [name for name in checked["failed"] if name in methods]:
-        methods.pop(name)
-        for names in modes.values():
-            names.remove(name)
-    print(f"   correctness vs {checked['reference']} (max abs diff, fwd+grads): "
-          + ", ".join(f"{k} {v:.1e}" for k, v in checked["max_abs_diff_vs_dense"].items())
-          + f"; unmasked differs by {checked['unmasked_diff']:.2f}"
-          + (f"; out of memory: {checked['out_of_memory']}" if checked["out_of_memory"] else "")
-          + (f"; FAILED, not timed: {sorted(checked['failed'])}" if checked["failed"] else ""), flush=True)
-
-    flex.pop("block_mask")
+    mask = build_dense_mask(layout, "v2", device=device)  # built where it is used (seconds of a lease on the CPU)
+    methods, ours_name = select_methods(make_methods(layout, device, dtype, mask), args.skip)
+    modes = {mode: list(methods) for mode in args.modes}
+    inputs = Inputs(args.batch, heads, layout.total, dim, device, dtype)
+    kind = reference_kind(args.reference, layout.total)
     result: Dict[str, Any] = {
         "shape": {"num_scenes": n, "text_per_scene": text, "video_per_scene": video, "heads": heads, "head_dim": dim,
-                  "batch": args.batch, "sequence_length": L},
-        "v2_pair_fraction": allowed_pair_fraction(layout, "v2"),
-        "auto_backend": auto_backend,
-        "ours": ours_name,
-        **{k: v for k, v in checked.items() if k != "unmasked_diff"},
-        "not_run": not_run,
-        "memory_not_measured": {k: v for k, v in memory_not_measured(device).items() if k in methods},
-        "flex": flex,
-        "dense_mask_bytes": mask_bytes,
-        "output_bytes": inputs.q.numel() * inputs.q.element_size(),
-        "modes": {},
+                  "batch": args.batch, "sequence_length": layout.total},
+        "v2_pair_fraction": allowed_pair_fraction(layout, "v2"), "auto_backend": resolve_backend("auto", inputs.q),
+        "ours": ours_name, "reference": None, "max_abs_diff_vs_reference": {}, "out_of_memory": [], "failed": {},
+        "timed_only": {"dense_mask": DENSE_TIMED_ONLY} if layout.total > DENSE_REFERENCE_MAX_LENGTH else {},
+        "not_run": {"forward_backward": {}}, "flex": {"mode": args.flex},
+        "dense_mask_bytes": mask.numel() * mask.element_size(),
+        "output_bytes": inputs.q.numel() * inputs.q.element_size(), "modes": {},
     }
-    # 2. Timing, round-robin, then 3. peak extra memory, one call each (the inputs excluded); one mode at a time,
-    #    each reported (and handed to ``on_mode``, which saves it) as soon as it is measured.
-    goals = GPU_GOALS if device.type == "cuda" else GOALS
-    title = f"(n={n}, video {video}/scene, batch {args.batch}, {heads}x{dim}, {str(dtype)[6:]})"
-    makers = {"forward": inputs.forward_fn, "forward_backward": inputs.fwd_bwd_fn}
-    for mode in MODES:
-        timings, memory = measure_mode(methods, modes[mode], makers[mode], device, args, mask_bytes)
-        result["modes"][mode] = mode_report(mode, timings, memory, ours_name, goals, title, device)
-        if on_mode:
-            on_mode(result)
+    save = (lambda: on_progress(result)) if on_progress else (lambda: None)
+    print(f"\n== n={n} text={text} video={video} heads={heads} dim={dim} batch={args.batch}: L={layout.total}, v2 keeps "
+          f"{result['v2_pair_fraction'] * 100:.2f}% of pairs; auto backend -> {result['auto_backend']}", flush=True)
+
+    # 1. Correctness at this shape: every method vs the reference, FlexAttention late (the calls are the warm-up).
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    reference = make_reference(kind, layout, inputs, mask, "forward_backward" in modes, device)
+    result["reference"] = reference["name"]
+    save()
+    # a timed-only method last of all: should a kernel past its limits break the CUDA context, the others are saved
+    first = {name: fn for name, fn in methods.items() if name not in result["timed_only"]}
+    check_methods(first, modes, inputs, tol, device, reference, result, save)
+    if args.flex != "off" and "flex" not in args.skip:
+        check_methods(add_flex(layout, args, device, dtype, methods, modes, result), modes, inputs, tol, device,
+                      reference, result, save)
+    check_methods({name: methods[name] for name in methods if name in result["timed_only"]}, modes, inputs, tol,
+                  device, reference, result, save)
+    del reference
+    common.free_memory(device)
+    for name in result["out_of_memory"] + [name for name in result["failed"] if name in methods]:
+        methods.pop(name)
+        for mode, names in modes.items():
+            modes[mode] = [other for other in names if other != name]
+    result["memory_not_measured"] = {k: v for k, v in memory_not_measured(device).items() if k in methods}
+    print(f"   correctness vs {result['reference']} (max rel. diff, fwd+grads): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_diff_vs_reference"].items())
+          + f"; unmasked differs by {result.get('unmasked_diff', float('nan')):.2f}"
+          + (f"; out of memory: {result['out_of_memory']}" if result["out_of_memory"] else "")
+          + (f"; FAILED, not timed: {sorted(result['failed'])}" if result["failed"] else ""), flush=True)
+    save()
+    measure_modes(result, methods, modes, inputs, ours_name, args, device, dtype, save)
     return result
+
+
+def measure_modes(result: Dict[str, Any], methods, modes, inputs: Inputs, ours_name: str, args, device, dtype,
+                  save: Callable[[], None]) -> None:
+    """2. Timing, round-robin, then 3. peak extra memory, one call each (the inputs excluded); one mode at a
+    time, into ``result["modes"]``, saved as the figures come in."""
+    goals = GPU_GOALS if device.type == "cuda" else GOALS
+    shape = result["shape"]
+    title = (f"(n={shape['num_scenes']}, video {shape['video_per_scene']}/scene, batch {shape['batch']}, "
+             f"{shape['heads']}x{shape['head_dim']}, {str(dtype)[6:]})")
+    makers = {"forward": inputs.forward_fn, "forward_backward": inputs.fwd_bwd_fn}
+    for mode in modes:
+        def record(partial: Dict[str, Any], mode: str = mode) -> None:
+            result["modes"][mode] = partial
+            save()
+
+        timings, memory = measure_mode(methods, modes[mode], makers[mode], device, args, result["dense_mask_bytes"],
+                                       record)
+        result["modes"][mode] = mode_report(mode, timings, memory, ours_name, goals, title, device)
+        save()
 
 
 def estimate_memory(shape, batch: int, dtype: torch.dtype) -> Dict[str, Dict[str, int]]:
@@ -397,6 +496,19 @@ def estimate_main(args, shapes, dtype: torch.dtype) -> Dict[str, Any]:
     return payload
 
 
+def apply_defaults(args, device: torch.device) -> List[Tuple[int, int, int, int, int]]:
+    """Fill in the options left unset (they depend on the device and ``--quick``); the shapes to run."""
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 1 if device.type == "cpu" else 2
+    if args.batch is None:
+        args.batch = 2 if device.type == "cuda" else 1
+    if args.flex is None:
+        args.flex = "eager" if args.quick else "compiled"
+    return args.shape or (QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", type=parse_shape, default=None,
@@ -408,25 +520,25 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--flex", choices=("compiled", "eager", "off"), default=None,
                         help="FlexAttention baseline: torch.compile'd (default), eager (materialises the scores; "
                              "default with --quick) or off")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma list of forward, forward_backward (default both)")
+    parser.add_argument("--reference", choices=("auto", "dense", "sampled"), default="auto",
+                        help="what every method is checked against: SDPA with the dense mask, fp32 math on sampled "
+                             f"query rows, or auto (dense up to {DENSE_REFERENCE_MAX_LENGTH:,} tokens)")
     parser.add_argument("--skip", default="",
                         help="comma list of methods to leave out, e.g. 'ours[dense],ours[sdpa]' (what backend='auto' "
                              "runs is always kept)")
     args = parser.parse_args(argv)
     args.skip = [name.strip() for name in args.skip.split(",") if name.strip()]
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if not args.modes or set(args.modes) - set(MODES):
+        raise SystemExit(f"--modes takes a comma list of {', '.join(MODES)}; got {','.join(args.modes)!r}")
     if args.estimate_memory:
         dtype = common.setup_estimate(args)
         return estimate_main(args, args.shape or (QUICK_SHAPES if args.quick else GPU_SHAPES), dtype)
     env = common.setup(args)
     device, dtype = env["device"], env["dtype"]
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 5
-    if args.warmup is None:
-        args.warmup = 1 if device.type == "cpu" else 2
-    if args.batch is None:
-        args.batch = 2 if device.type == "cuda" else 1
-    if args.flex is None:
-        args.flex = "eager" if args.quick else "compiled"
-    shapes = args.shape or (QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES))
+    shapes = apply_defaults(args, device)
 
     # The authors' approach must compute the same v2 attention before it is timed.
     for n in sorted({s[0] for s in shapes}):
@@ -435,33 +547,21 @@ def main(argv=None) -> Dict[str, Any]:
     info = common.machine_info(device)
     print(f"attention benchmark on {info['cpu'] if device.type == 'cpu' else info.get('gpu')}, torch {torch.__version__}, "
           f"{info['torch_threads']} threads, {str(dtype)[6:]}, {info['date']}", flush=True)
-    payload = {
-        "benchmark": "attention",
-        "machine": info,
-        "dtype": str(dtype)[6:],
-        "quick": args.quick,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "batch": args.batch,
-        "flex": args.flex,
-        "skipped_methods": args.skip,
-        "goals": GPU_GOALS if device.type == "cuda" else GOALS,
-        "complete": False,
-        "results": [],
-    }
+    # saved after every method checked, every round of timings and every memory figure: a run stopped part-way
+    # (a time limit on a lent GPU) keeps what it measured
+    saver = common.ProgressSaver({
+        "benchmark": "attention", "machine": info, "dtype": str(dtype)[6:], "quick": args.quick,
+        "repeats": args.repeats, "warmup": args.warmup, "batch": args.batch, "flex": args.flex,
+        "skipped_methods": args.skip, "modes": args.modes, "reference": args.reference,
+        "goals": GPU_GOALS if device.type == "cuda" else GOALS, "results": [],
+    }, "attention", args)
     done: List[Dict[str, Any]] = []
-
-    def save_progress(result: Dict[str, Any]) -> None:
-        # a run stopped part-way (a time limit on the GPU) keeps what it measured
-        common.save_json(dict(payload, results=done + [result]), "attention", args)
-
     for shape in shapes:
-        done.append(run_shape(shape, args, device, dtype, on_mode=save_progress))
-    payload.update(results=done, complete=True)
-    common.save_json(payload, "attention", args)
+        done.append(run_shape(shape, args, device, dtype, on_progress=lambda result: saver.save(results=done + [result])))
+    payload = saver.finish(results=done)
     failed = {name: why for result in done for name, why in result["failed"].items()}
     if failed:  # saved first: what did run is kept
-        raise SystemExit(f"methods failed their check against the dense mask and were not timed: {failed}")
+        raise SystemExit(f"methods failed their check against the reference and were not timed: {failed}")
     return payload
 
 

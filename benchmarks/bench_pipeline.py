@@ -125,38 +125,52 @@ def transformer_step_main(args, device: torch.device, dtype: torch.dtype) -> Dic
         return call
 
     runs = {"v2": step("v2"), "full_attention": step("full")}
-    memory = {}
-    for name, fn in runs.items():
-        common.free_memory(device)
-        memory[name] = common.measure_memory(fn, device)
-    timings = common.time_round_robin(runs, device, args.warmup or 0, repeats)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    t = {name: timings[name]["median_s"] for name in runs}
-    ratios = {"time_v2_over_full_attention": common.ratio(t["v2"], t["full_attention"]),
-              "mem_v2_over_full_attention": common.ratio(memory["v2"], memory["full_attention"]),
-              "expected_from_pair_fraction": common.ratio(
-                  common.transformer_step_flops(config, n * text, n * video_tokens, allowed_pair_fraction(layout, "v2")),
-                  common.transformer_step_flops(config, n * text, n * video_tokens))}
-    goals = {f"step_v2_within_{STEP_GOAL_RATIO:.2f}x_of_full": ratios["time_v2_over_full_attention"] <= STEP_GOAL_RATIO}
-    rows = [[name, common.fmt_time(t[name]), common.fmt_bytes(memory[name]), common.fmt_bytes(memory[name] + weights)]
-            for name in runs]
-    common.print_table(f"-- one denoising step, batch {batch} ({size}, {n} scenes, L = {layout.total}, {str(dtype)[6:]})",
-                       ["attention", f"median ({common.time_basis(device)})", "peak extra mem", "with weights"], rows)
-    print("   ratios: " + ", ".join(f"{k}={common.fmt_ratio(v)}" for k, v in ratios.items()))
-    print("   goals:  " + ", ".join(f"{k}={'met' if ok else 'MISSED'}" for k, ok in goals.items()), flush=True)
-    payload = {
+    # saved after every measurement: a time limit on a lent GPU keeps what was measured before it
+    saver = common.ProgressSaver({
         "benchmark": "transformer_step", "machine": info, "dtype": str(dtype)[6:], "quick": args.quick,
         "model": {"size": size, "config": config, "parameters": common.parameter_count(model), "weights_bytes": weights},
         "video": {"height": height, "width": width, "scenes": n, "pixel_frames_per_scene": frames,
                   "latent_frames_per_scene": latent_frames, "video_tokens_per_scene": video_tokens,
                   "text_tokens_per_prompt": text, "sequence_length": layout.total},
-        "batch": batch, "repeats": repeats, "warmup": "the memory call", "rotary_embeddings": rope_note,
-        "runs": {name: {**timings[name], "peak_extra_bytes": memory[name], "peak_total_bytes": memory[name] + weights}
-                 for name in runs},
-        "ratios": ratios, "goals_met": goals,
-    }
-    common.save_json(payload, f"transformer_step_{size}", args)
-    return payload
+        "batch": batch, "repeats": repeats, "warmup": "the memory call", "rotary_embeddings": rope_note, "runs": {},
+    }, f"transformer_step_{size}", args)
+    pair_fraction = allowed_pair_fraction(layout, "v2")
+    return measure_transformer_step(runs, saver, device, args.warmup or 0, repeats, weights,
+                                    ratio_from_flops=common.ratio(
+                                        common.transformer_step_flops(config, n * text, n * video_tokens, pair_fraction),
+                                        common.transformer_step_flops(config, n * text, n * video_tokens)),
+                                    title=f"batch {batch} ({size}, {n} scenes, L = {layout.total}, {str(dtype)[6:]})")
+
+
+def measure_transformer_step(runs: Dict[str, Callable[[], Any]], saver, device: torch.device, warmup: int,
+                             repeats: int, weights: int, ratio_from_flops: float, title: str) -> Dict[str, Any]:
+    """Peak extra memory (one call each, saved after each), then round-robin median times (saved after each
+    round) of the ``runs`` of :func:`transformer_step_main`; ratios and goals; the finished payload."""
+    memory: Dict[str, int] = {}
+
+    def runs_so_far(timings: Dict[str, Any]) -> Dict[str, Any]:
+        return {name: {**timings.get(name, {}), "peak_extra_bytes": memory[name],
+                       "peak_total_bytes": memory[name] + weights} for name in memory}
+
+    for name, fn in runs.items():
+        common.free_memory(device)
+        memory[name] = common.measure_memory(fn, device)
+        saver.save(runs=runs_so_far({}))
+    timings = common.time_round_robin(runs, device, warmup, repeats,
+                                      on_round=lambda partial: saver.save(runs=runs_so_far(partial)))
+    t = {name: timings[name]["median_s"] for name in runs}
+    ratios = {"time_v2_over_full_attention": common.ratio(t["v2"], t["full_attention"]),
+              "mem_v2_over_full_attention": common.ratio(memory["v2"], memory["full_attention"]),
+              "expected_from_pair_fraction": ratio_from_flops}
+    goals = {f"step_v2_within_{STEP_GOAL_RATIO:.2f}x_of_full": ratios["time_v2_over_full_attention"] <= STEP_GOAL_RATIO}
+    rows = [[name, common.fmt_time(t[name]), common.fmt_bytes(memory[name]), common.fmt_bytes(memory[name] + weights)]
+            for name in runs]
+    common.print_table(f"-- one denoising step, {title}",
+                       ["attention", f"median ({common.time_basis(device)})", "peak extra mem", "with weights"], rows)
+    print("   ratios: " + ", ".join(f"{k}={common.fmt_ratio(v)}" for k, v in ratios.items()))
+    print("   goals:  " + ", ".join(f"{k}={'met' if ok else 'MISSED'}" for k, ok in goals.items()), flush=True)
+    return saver.finish(runs=runs_so_far(timings), ratios=ratios, goals_met=goals)
 
 
 def main(argv=None) -> Dict[str, Any]:

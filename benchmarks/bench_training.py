@@ -210,6 +210,70 @@ def compare_with_estimate(results: Dict[str, Any], path: str) -> None:
                   flush=True)
 
 
+def measure_training_mode(entry: Dict[str, Any], mode: str, make_step, saver, args, size: str, device: torch.device,
+                          dtype: torch.dtype, checkpointing: bool, warmup: int, repeats: int) -> None:
+    """One training mode (``lora`` or ``full``) into ``entry``: peak memory of a step with each mask (a fresh
+    optimizer each, so AdamW's state is counted), then round-robin timings; ``saver`` saves after each figure.
+    An out-of-memory is recorded as ``"OOM"``, any other error raised."""
+    model: Optional[torch.nn.Module] = None
+    params: list = []
+    runnable: Dict[str, Callable[[], float]] = {}
+    state: Dict[str, Any] = {}
+    masks = {"v2": "v2", "full_attention": "full"}
+    try:
+        model = prepare_model(size, device, dtype, mode, args.lora_rank, checkpointing)
+        params = [p for p in model.parameters() if p.requires_grad]
+        entry.update(trainable_parameters=sum(p.numel() for p in params), parameters=common.parameter_count(model),
+                     weights_bytes=sum(p.numel() * p.element_size() for p in model.parameters()), runs={})
+        memory: Dict[str, Any] = {}
+        for label, mask in masks.items():
+            state["optimizer"] = torch.optim.AdamW(params, lr=1e-5)
+            common.free_memory(device)
+            try:
+                extra = common.measure_memory(make_step(model, state, mask), device)
+                memory[label] = {"peak_extra_bytes": extra, "peak_total_bytes": extra + entry["weights_bytes"]}
+                if device.type == "cuda":
+                    memory[label]["cuda_max_memory_allocated"] = int(torch.cuda.max_memory_allocated(device))
+            except RuntimeError as error:
+                if not is_oom(error):
+                    raise
+                memory[label] = "OOM"
+            state["optimizer"] = None
+            for p in params:
+                p.grad = None
+            common.free_memory(device)
+            entry["runs"][label] = {"memory": memory[label]}
+            saver.save()
+        state["optimizer"] = torch.optim.AdamW(params, lr=1e-5)
+        runnable = {label: make_step(model, state, mask) for label, mask in masks.items()
+                    if memory[label] != "OOM" and not args.memory_only}
+
+        def record(timings: Dict[str, Any]) -> None:
+            entry["runs"] = {label: {**timings.get(label, {}), "memory": memory[label]} for label in masks}
+            saver.save()
+
+        timings = common.time_round_robin(runnable, device, warmup, repeats, on_round=record) if runnable else {}
+        record(timings)
+        t = {label: timings[label]["median_s"] for label in timings}
+        mem = {label: memory[label]["peak_extra_bytes"] for label in masks if memory[label] != "OOM"}
+        entry["ratios"] = {
+            "time_v2_over_full_attention": common.ratio(t.get("v2"), t.get("full_attention")),
+            "mem_v2_over_full_attention": common.ratio(mem.get("v2"), mem.get("full_attention")),
+        }
+    except RuntimeError as error:
+        if not is_oom(error):
+            raise
+        entry["error"] = "OOM"
+    finally:
+        # drop every reference to this mode's model before the next one is built
+        state.clear()
+        runnable.clear()
+        params.clear()
+        model = None
+        common.free_memory(device)
+        saver.save()
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, choices=sorted(common.MODEL_SIZES),
@@ -258,71 +322,31 @@ def main(argv=None) -> Dict[str, Any]:
           f"({video_tokens} video tokens/scene), {str(dtype)[6:]}, checkpointing {'on' if checkpointing else 'off'}, "
           f"{info['cpu'] if device.type == 'cpu' else info.get('gpu')}, {info['date']}", flush=True)
 
+    name = "training" if size in ("quick", "cpu-mid") else f"training_{size}"
     results: Dict[str, Any] = {}
+    # saved after every measurement: a time limit on a lent GPU keeps what was measured before it
+    saver = common.ProgressSaver({
+        "benchmark": "training", "machine": info, "dtype": str(dtype)[6:], "quick": args.quick,
+        "model": {"size": size, "config": config},
+        "video": {"height": height, "width": width, "scenes": n, "pixel_frames_per_scene": frames,
+                  "latent_frames_per_scene": latent_frames, "video_tokens_per_scene": video_tokens},
+        "gradient_checkpointing": checkpointing, "lora_rank": args.lora_rank,
+        "loss": "diffusers_mask2dit.training.loss (v-prediction)",
+        "repeats": 0 if args.memory_only else repeats, "warmup": warmup, "estimate": args.compare_estimate,
+        "results": results,
+    }, name, args)
+
+    def make_step(model, state, mask: str, seed: int = 0) -> Callable[[], float]:
+        def step():
+            batch = prepare_diffusion_batch(latents, None, scene_frames, torch.tensor([seed]), scheduler, cond_prob=0.0)
+            loss = optimizer_step(model, state["optimizer"], batch, prompt_embeds, mask, dtype, device)
+            return float(loss.detach())
+        return step
+
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        common.free_memory(device)
-        entry: Dict[str, Any] = {}
-        results[mode] = entry
-        model: Optional[torch.nn.Module] = None
-        params: list = []
-        runnable: Dict[str, Callable[[], float]] = {}
-        state: Dict[str, Any] = {}
-        try:
-            model = prepare_model(size, device, dtype, mode, args.lora_rank, checkpointing)
-            params = [p for p in model.parameters() if p.requires_grad]
-            entry["trainable_parameters"] = sum(p.numel() for p in params)
-            entry["parameters"] = common.parameter_count(model)
-            entry["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-
-            def step_fn(mask: str, seed: int = 0) -> Callable[[], float]:
-                def step():
-                    batch = prepare_diffusion_batch(latents, None, scene_frames, torch.tensor([seed]), scheduler,
-                                                    cond_prob=0.0)
-                    loss = optimizer_step(model, state["optimizer"], batch, prompt_embeds, mask, dtype, device)
-                    return float(loss.detach())
-                return step
-
-            masks = {"v2": "v2", "full_attention": "full"}
-            # Memory first: a fresh optimizer, so the AdamW state allocated by the first step is counted.
-            memory: Dict[str, Any] = {}
-            for label, mask in masks.items():
-                state["optimizer"] = torch.optim.AdamW(params, lr=1e-5)
-                common.free_memory(device)
-                try:
-                    extra = common.measure_memory(step_fn(mask), device)
-                    memory[label] = {"peak_extra_bytes": extra, "peak_total_bytes": extra + entry["weights_bytes"]}
-                    if device.type == "cuda":
-                        memory[label]["cuda_max_memory_allocated"] = int(torch.cuda.max_memory_allocated(device))
-                except RuntimeError as error:
-                    if not is_oom(error):
-                        raise
-                    memory[label] = "OOM"
-                state["optimizer"] = None
-                for p in params:
-                    p.grad = None
-                common.free_memory(device)
-            state["optimizer"] = torch.optim.AdamW(params, lr=1e-5)
-            runnable = {label: step_fn(mask) for label, mask in masks.items()
-                        if memory[label] != "OOM" and not args.memory_only}
-            timings = common.time_round_robin(runnable, device, warmup, repeats) if runnable else {}
-            entry["runs"] = {label: {**timings.get(label, {}), "memory": memory[label]} for label in masks}
-            t = {label: timings[label]["median_s"] for label in timings}
-            mem = {label: memory[label]["peak_extra_bytes"] for label in masks if memory[label] != "OOM"}
-            entry["ratios"] = {
-                "time_v2_over_full_attention": common.ratio(t.get("v2"), t.get("full_attention")),
-                "mem_v2_over_full_attention": common.ratio(mem.get("v2"), mem.get("full_attention")),
-            }
-        except RuntimeError as error:
-            if not is_oom(error):
-                raise
-            entry["error"] = "OOM"
-        finally:
-            # drop every reference to this mode's model before the next one is built
-            state.clear()
-            runnable.clear()
-            params.clear()
-            model = None
-            common.free_memory(device)
+        results[mode] = {}
+        measure_training_mode(results[mode], mode, make_step, saver, args, size, device, dtype, checkpointing,
+                              warmup, repeats)
 
     rows = []
     for mode, entry in results.items():
@@ -350,25 +374,7 @@ def main(argv=None) -> Dict[str, Any]:
 
     if args.compare_estimate:
         compare_with_estimate(results, args.compare_estimate)
-    payload = {
-        "benchmark": "training",
-        "machine": info,
-        "dtype": str(dtype)[6:],
-        "quick": args.quick,
-        "model": {"size": size, "config": config},
-        "video": {"height": height, "width": width, "scenes": n, "pixel_frames_per_scene": frames,
-                  "latent_frames_per_scene": latent_frames, "video_tokens_per_scene": video_tokens},
-        "gradient_checkpointing": checkpointing,
-        "lora_rank": args.lora_rank,
-        "loss": "diffusers_mask2dit.training.loss (v-prediction)",
-        "repeats": 0 if args.memory_only else repeats, "warmup": warmup,
-        "estimate": args.compare_estimate,
-        "results": results,
-        "goals_met": goals,
-    }
-    name = "training" if size in ("quick", "cpu-mid") else f"training_{size}"
-    common.save_json(payload, name, args)
-    return payload
+    return saver.finish(results=results, goals_met=goals)
 
 
 if __name__ == "__main__":

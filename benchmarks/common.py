@@ -155,13 +155,15 @@ def synchronize(device: torch.device) -> None:
 def time_round_robin(
     fns: Dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
     reset: Optional[Callable[[], None]] = None,
+    on_round: Optional[Callable[[Dict[str, Dict[str, Any]]], None]] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """Median time (seconds) of each callable, run round-robin.
 
     ``median_s`` is the figure the ratios use: on CUDA the wall time (synchronised); on CPU the process's
     CPU time (``time.process_time``), which other jobs on a shared machine do not inflate the way they
     inflate wall time (the work is compute-bound, nothing waits on I/O). Both are recorded.
-    ``reset`` (optional) runs before each call, untimed.
+    ``reset`` (optional) runs before each call, untimed. ``on_round`` (optional) receives the figures so far
+    after every round (one timed call of each callable), e.g. to save them before a time limit can cut a run.
     """
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -181,10 +183,19 @@ def time_round_robin(
             synchronize(device)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
+        if on_round:
+            on_round(_timing_summary(wall, cpu, device))
+    return _timing_summary(wall, cpu, device)
+
+
+def _timing_summary(wall: Dict[str, List[float]], cpu: Dict[str, List[float]], device: torch.device) -> Dict[str, Dict[str, Any]]:
+    """Median, min and max per callable of the recorded times (see :func:`time_round_robin`)."""
     basis = "wall" if device.type == "cuda" else "cpu"
     out: Dict[str, Dict[str, Any]] = {}
-    for name in fns:
+    for name in wall:
         chosen = wall[name] if basis == "wall" else cpu[name]
+        if not chosen:
+            continue
         out[name] = {
             "median_s": statistics.median(chosen),
             "min_s": min(chosen),
@@ -331,20 +342,32 @@ def default_output(name: str, args: argparse.Namespace, device_label: Optional[s
     return RESULTS_DIR / f"{name}_{device_label or torch.device(args.device).type}{suffix}.json"
 
 
+_RUN_PATHS: Dict[Path, Path] = {}  # default result path -> the file this run writes instead (saved again per figure)
+
+
+def _unrecorded_path(default: Path) -> Path:
+    """``default``, or when a result is already there (not written by this run), a new file beside it named with
+    the time: a run without ``--output`` never replaces a recorded result."""
+    if default not in _RUN_PATHS:
+        chosen = default
+        if default.exists():
+            chosen = default.with_name(f"{default.stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+            print(f"{default} exists and is kept (pass --output {default} to replace it)", flush=True)
+        _RUN_PATHS[default] = chosen
+    return _RUN_PATHS[default]
+
+
 def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
-              device_label: Optional[str] = None) -> Optional[Path]:
-    """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``.
+              device_label: Optional[str] = None, quiet: bool = False) -> Optional[Path]:
+    """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``,
+    atomically (a temporary file renamed over it): a process killed while writing leaves the last whole copy.
 
     Without ``--output`` an existing result (the recorded ones are tracked files) is never replaced: the new one goes
     beside it, named with the time; pass ``--output`` with the recorded file's path to replace it on purpose.
     """
     if args.no_save:
         return None
-    path = Path(args.output) if args.output else default_output(name, args, device_label)
-    if not args.output and path.exists():
-        kept = path
-        path = path.with_name(f"{path.stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
-        print(f"{kept} exists and is kept (pass --output {kept} to replace it)", flush=True)
+    path = Path(args.output) if args.output else _unrecorded_path(default_output(name, args, device_label))
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     if isinstance(payload.get("machine"), dict):
@@ -353,13 +376,34 @@ def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
         except OSError:
             pass
     payload["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else ""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as handle:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
         handle.write("\n")
-    os.replace(tmp, path)  # a crash never leaves a half-written result
-    print(f"results written to {path}", flush=True)
+    os.replace(temporary, path)
+    if not quiet:
+        print(f"results written to {path}", flush=True)
     return path
+
+
+class ProgressSaver:
+    """A benchmark's JSON, saved as it grows: a run stopped part-way (a time limit on a lent GPU, a crash) keeps
+    every figure measured so far. ``save(**fields)`` merges ``fields`` into the payload and writes it with
+    ``"complete": False``; ``finish(**fields)`` writes it with ``"complete": True``."""
+
+    def __init__(self, payload: Dict[str, Any], name: str, args: argparse.Namespace,
+                 device_label: Optional[str] = None) -> None:
+        self.payload = dict(payload, complete=False)
+        self.name, self.args, self.device_label = name, args, device_label
+
+    def save(self, **fields: Any) -> None:
+        self.payload.update(fields)
+        save_json(self.payload, self.name, self.args, self.device_label, quiet=True)
+
+    def finish(self, **fields: Any) -> Dict[str, Any]:
+        self.payload.update(fields, complete=True)
+        save_json(self.payload, self.name, self.args, self.device_label)
+        return self.payload
 
 
 def free_memory(device: torch.device) -> None:

@@ -69,3 +69,10 @@ def test_sequence_length_check_and_variants():
     for bad in ("v4", 4, "causal", None, True):
         with pytest.raises(ValueError, match="mask"):
             check_mask_variant(bad)
+
+
+def test_dense_mask_is_built_on_the_device_asked_for():
+    layout = SceneLayout([3, 2], [5, 4])
+    on_meta = build_dense_mask(layout, "v2", device="meta")  # no data: shows the mask is made there, not copied
+    assert on_meta.device.type == "meta" and on_meta.shape == (layout.total, layout.total)
+    assert torch.equal(build_dense_mask(layout, "v2", device=torch.device("cpu")), build_dense_mask(layout, "v2"))

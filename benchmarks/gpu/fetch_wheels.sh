@@ -16,7 +16,7 @@
 # writes a video.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-WHEELS=(diffusers==0.42.1 peft==0.21.2)
+mapfile -t WHEELS < <(grep -v "^#" benchmarks/gpu/wheels.txt | grep .)  # run.sh requires exactly these
 LIMIT_MIB=48  # the device tool carries at most 64 MiB with the working tree
 if ! git check-ignore -q .whl/probe.whl; then
     echo "/.whl/" >> "$(git rev-parse --git-common-dir)/info/exclude"

@@ -528,7 +528,7 @@ def _block_kernel(name: str) -> BlockKernel:
 
 
 def _dense_attend(query, key, value, layout, variant, scale):
-    mask = build_dense_mask(layout, variant).to(query.device)
+    mask = build_dense_mask(layout, variant, device=query.device)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 

@@ -159,13 +159,15 @@ def allowed(variant: str, query_kind: str, query_scene: int, key_kind: str, key_
     return rule == ALL_SCENES or query_scene == key_scene
 
 
-def build_dense_mask(layout: SceneLayout, variant: str = DEFAULT_MASK_VARIANT) -> torch.Tensor:
-    """The reference mask: bool ``(L, L)``, True where query row may attend to key column.
+def build_dense_mask(layout: SceneLayout, variant: str = DEFAULT_MASK_VARIANT,
+                     device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """The reference mask: bool ``(L, L)`` on ``device`` (default CPU), True where query row may attend to key column.
 
-    Materialises L×L booleans, so it is meant for tests and the ``"dense"`` backend only.
+    Materialises L×L booleans, so it is meant for tests and the ``"dense"`` backend only. Built where it is used:
+    filling billions of booleans on the CPU and copying them over takes most of a minute at paper scale.
     """
     variant = check_mask_variant(variant)
-    mask = torch.zeros(layout.total, layout.total, dtype=torch.bool)
+    mask = torch.zeros(layout.total, layout.total, dtype=torch.bool, device=device)
     for query_kind in (TEXT, VIDEO):
         for qi, (q0, q1) in enumerate(layout.segments(query_kind)):
             for key_kind in (TEXT, VIDEO):
