@@ -84,6 +84,23 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push_parser(hub_sub: argparse._SubParsersAction) -> None:
+    push = hub_sub.add_parser(
+        "push",
+        help="Upload a built folder with huggingface_hub (token from `hf auth login`; never printed).",
+    )
+    push.add_argument("--folder", required=True, help="Folder written by `mask2dit hub build`.")
+    push.add_argument(
+        "--repo-id", "--repo", dest="repo", required=True,
+        help="Hub model repo id, owner/name (created if missing); --repo is the same option (older name)",
+    )
+    push.add_argument("--revision", help="Branch to upload to (created from main if missing).")
+    push.add_argument("--private", action="store_true", help="Create the repo as private (an existing repo keeps its visibility).")
+    push.add_argument("--commit-message", help="Commit message.")
+    push.add_argument("--dry-run", action="store_true", help="List what would be uploaded and stop (no network).")
+    push.set_defaults(func=_push)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     from .build import CARD_CHOICES, KINDS
     from .convert import VERIFY_MODES
@@ -120,20 +137,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--overwrite", action="store_true", help="Replace --out if it holds an earlier build.")
     build.set_defaults(func=_build)
 
-    push = hub_sub.add_parser(
-        "push",
-        help="Upload a built folder with huggingface_hub (token from `hf auth login`; never printed).",
-    )
-    push.add_argument("--folder", required=True, help="Folder written by `mask2dit hub build`.")
-    push.add_argument(
-        "--repo-id", "--repo", dest="repo", required=True,
-        help="Hub model repo id, owner/name (created if missing); --repo is the same option (older name)",
-    )
-    push.add_argument("--revision", help="Branch to upload to (created from main if missing).")
-    push.add_argument("--private", action="store_true", help="Create the repo as private (an existing repo keeps its visibility).")
-    push.add_argument("--commit-message", help="Commit message.")
-    push.add_argument("--dry-run", action="store_true", help="List what would be uploaded and stop (no network).")
-    push.set_defaults(func=_push)
+    _add_push_parser(hub_sub)
 
     bundle = hub_sub.add_parser("bundle", help="Write only the self-contained pipeline.py.")
     bundle.add_argument("--out", default="-", help="Output file (default: standard output).")
