@@ -142,7 +142,8 @@ def test_extend_without_latents_encodes_the_mp4_frames(model, pipe, tmp_path, ca
     # the uint8 frames of our own read_video, passed to the pipeline in the range it documents ([0, 1] floats)
     frames = [read_video(str(out / f"scene_{i:02d}.mp4")).astype(np.float32) / 255.0 for i in range(2)]
     reference = pipe.extend(prompt="a bird", context_prompts=["a dog"], context_frames=frames[1:],
-                            num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+                            num_inference_steps=2, guidance_scale=1.0,  # recorded in --from's settings.json
+                            output_type="latent", generator=torch.Generator().manual_seed(0))
     assert torch.equal(saved_latents(extended)[:, 3:], reference.frames)
     assert_outputs(extended, ["a cat", "a dog", "a bird"])
 
