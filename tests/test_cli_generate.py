@@ -95,6 +95,9 @@ def test_demo_runs_multiscene_and_extension_offline(tmp_path, capsys):
         assert (strip < 128).any(), f"row {row} has no label"
         orange = ((strip[..., 0] - strip[..., 2]) > 60).any()
         assert orange == (row == 3), row
+    # a random-weight demo has no model folder for `extend --from` to reuse: said before anything loads
+    assert cli.main(["extend", "--from", str(tmp_path / "demo"), "--prompt", "a cat", "--out", str(tmp_path / "x")]) == 2
+    assert "--random-weights" in capsys.readouterr().err
 
 
 def test_generate_then_extend_continues_from_the_exact_latents(model, pipe, tmp_path):

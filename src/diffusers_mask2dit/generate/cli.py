@@ -25,6 +25,7 @@ from .outputs import (
     LATENTS_FILE,
     PROMPTS_FILE,
     SETTINGS_FILE,
+    RECORDED_OPTIONS,
     WHOLE_VIDEO_FILE,
     read_output_folder,
     read_prompts,
@@ -63,9 +64,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def reuse_recorded_settings(args: argparse.Namespace, settings: Dict[str, Any]) -> None:
     """``extend --from``: each option left out takes the value the folder's run recorded (its model, LoRA, steps,
     guidance, mask, ...); then the usual defaults. A folder of the random-weight demo names no model."""
-    for name, value in settings.items():
+    for name in RECORDED_OPTIONS:
         if getattr(args, name, None) is None:
-            setattr(args, name, value)
+            setattr(args, name, settings.get(name))
     if args.model is None and settings.get("random_weights"):
         raise ValueError("`--from` was made by `mask2dit demo --random-weights`, which has no model folder; pass "
                          "`--model`.")

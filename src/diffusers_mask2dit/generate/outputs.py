@@ -186,7 +186,7 @@ def read_settings(folder: str) -> Dict[str, Any]:
         raise ValueError(f"`--from`: {path} is not valid JSON ({one_line(error)}); delete it or fix it.") from error
     if not isinstance(settings, dict):
         raise ValueError(f"`--from`: {path} must hold a JSON object of option names and values.")
-    return {name: settings[name] for name in RECORDED_OPTIONS if name in settings}
+    return {name: settings[name] for name in RECORDED_OPTIONS + ("random_weights",) if name in settings}
 
 
 def read_prompts(prompts: Optional[Sequence[str]], prompts_file: Optional[str], required: bool = True) -> List[str]:
