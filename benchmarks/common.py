@@ -342,13 +342,32 @@ def default_output(name: str, args: argparse.Namespace, device_label: Optional[s
     return RESULTS_DIR / f"{name}_{device_label or torch.device(args.device).type}{suffix}.json"
 
 
+_RUN_PATHS: Dict[Path, Path] = {}  # default result path -> the file this run writes instead (saved again per figure)
+
+
+def _unrecorded_path(default: Path) -> Path:
+    """``default``, or when a result is already there (not written by this run), a new file beside it named with
+    the time: a run without ``--output`` never replaces a recorded result."""
+    if default not in _RUN_PATHS:
+        chosen = default
+        if default.exists():
+            chosen = default.with_name(f"{default.stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+            print(f"{default} exists and is kept (pass --output {default} to replace it)", flush=True)
+        _RUN_PATHS[default] = chosen
+    return _RUN_PATHS[default]
+
+
 def save_json(payload: Dict[str, Any], name: str, args: argparse.Namespace,
               device_label: Optional[str] = None, quiet: bool = False) -> Optional[Path]:
     """Write ``payload`` (plus the command line) to ``--output`` or ``results/<name>_<device_label>.json``,
-    atomically (a temporary file renamed over it): a process killed while writing leaves the last whole copy."""
+    atomically (a temporary file renamed over it): a process killed while writing leaves the last whole copy.
+
+    Without ``--output`` an existing result (the recorded ones are tracked files) is never replaced: the new one goes
+    beside it, named with the time; pass ``--output`` with the recorded file's path to replace it on purpose.
+    """
     if args.no_save:
         return None
-    path = Path(args.output) if args.output else default_output(name, args, device_label)
+    path = Path(args.output) if args.output else _unrecorded_path(default_output(name, args, device_label))
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     if isinstance(payload.get("machine"), dict):

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from diffusers_mask2dit import Mask2DiTPipeline
-from diffusers_mask2dit.generation_cli import save_outputs
+from diffusers_mask2dit.generate import save_outputs
 
 FIRST_SCENES = [
     "An old fisherman pushes his wooden boat into a calm sea at dawn.",

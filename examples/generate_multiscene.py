@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from diffusers_mask2dit import Mask2DiTPipeline
-from diffusers_mask2dit.generation_cli import save_outputs
+from diffusers_mask2dit.generate import save_outputs
 
 PROMPTS = [
     "A young woman in a yellow raincoat walks along a busy city street in the rain, holding a red umbrella.",

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from diffusers_mask2dit import Mask2DiTPipeline
-from diffusers_mask2dit.generation_cli import save_outputs
+from diffusers_mask2dit.generate import save_outputs
 from diffusers_mask2dit.parallel import enable_parallel_inference, end_parallel, init_parallel, is_main_process
 
 PROMPTS = [

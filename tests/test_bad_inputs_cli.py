@@ -17,7 +17,9 @@ import sys
 import pytest
 import torch
 
-from diffusers_mask2dit import cli, generation_cli
+from diffusers_mask2dit import cli
+from diffusers_mask2dit.generate import cli as generate_cli
+from diffusers_mask2dit.generate import read_output_folder
 from diffusers_mask2dit.tiny import save_tiny_cogvideox
 from diffusers_mask2dit.video_io import write_video
 
@@ -243,7 +245,7 @@ def test_extend_refuses_a_new_size_before_loading_the_model(files, tmp_path, cap
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although --height cannot work")
 
-    monkeypatch.setattr(generation_cli, "load_pipeline", no_model)
+    monkeypatch.setattr(generate_cli, "load_pipeline", no_model)
     code, lines, _ = run_cli(_fill(EXT + ["--height", "128", "--width", "128"], files, tmp_path), capsys)
     assert code == 2 and "`--height` 128" in lines[0]
 
@@ -271,6 +273,6 @@ def test_installed_command_prints_one_line(files, tmp_path, argv, message):
 
 def test_saved_folder_is_what_the_cases_rely_on(files):
     """The fixture's generated folder is valid input (so the cases above fail for the reason they name)."""
-    folder = generation_cli.read_output_folder(files["made"])
+    folder = read_output_folder(files["made"])
     assert folder.prompts == ["a cat", "a dog"] and folder.latents is not None
     assert json.dumps(folder.latents.pixel_frames) == "[9, 9]"

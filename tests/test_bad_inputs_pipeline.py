@@ -5,9 +5,12 @@ rather than taken as the default. Each case also names what is accepted. Cases t
 documented behaviour (uint8 pixel frames) are tested at the end.
 """
 
+import logging
+
 import numpy as np
 import pytest
 import torch
+from diffusers import CogVideoXTransformer3DModel
 
 from diffusers_mask2dit import Mask2DiTPipeline
 from diffusers_mask2dit.tiny import build_tiny_components
@@ -85,6 +88,12 @@ CALL_CASES = [
     (dict(latents=torch.zeros(1, 9, 4, 8, 9)), r"`latents` must have shape \(1, 9, 4, 8, 8\)"),
     (dict(latents=np.zeros((1, 9, 4, 8, 8))), r"`latents` must have shape \(1, 9, 4, 8, 8\)"),
     (dict(attention_kwargs={"attention_backend": "fast"}), r"`attention_kwargs\['attention_backend'\]`"),
+    # Issue 21: values that used to run silently.
+    (dict(guidance_scale=-1.0), r"`guidance_scale` must be a finite number >= 0 .*got -1\.0"),
+    (dict(guidance_scale=float("nan")), "`guidance_scale` must be a finite number >= 0"),
+    (dict(eta=-0.5), r"`eta` must be a finite number >= 0 .*got -0\.5"),
+    (dict(attention_kwargs={"scene_msk": "v1"}), r"`attention_kwargs` takes the keys .*unknown \['scene_msk'\]"),
+    (dict(max_sequence_length=227), r"`max_sequence_length` must be at most the transformer's .*\(226\).*got 227"),
 ]
 
 
@@ -179,3 +188,53 @@ def test_uint8_context_frames_are_read_as_0_to_255(pipe):
     assert torch.equal(from_uint8, expected) and torch.equal(from_tensor, expected)
     output = pipe.extend(**CONTEXT, context_frames=frames, num_inference_steps=1, output_type="latent")
     assert torch.equal(output.frames[:, :6], expected)
+
+
+def test_a_folders_generation_defaults_fill_what_the_caller_leaves_out(pipe, tmp_path):
+    """`generation_defaults.json` is saved and loaded with the folder; arguments left at None take it, given ones win."""
+    run = dict(prompt=PROMPTS[:2], output_type="latent")
+    pipe.generation_defaults = {"num_inference_steps": 2, "guidance_scale": 1.0, "num_frames": 1}
+    try:
+        pipe.save_pretrained(str(tmp_path / "folder"))
+    finally:
+        pipe.generation_defaults = {}
+    loaded = Mask2DiTPipeline.from_pretrained(str(tmp_path / "folder"))
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.generation_defaults == {"num_inference_steps": 2, "guidance_scale": 1.0, "num_frames": 1}
+    defaulted = loaded(**run, generator=torch.Generator().manual_seed(0))
+    explicit = loaded(**run, num_inference_steps=2, guidance_scale=1.0, num_frames=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(defaulted.frames, explicit.frames)
+    other = loaded(**run, num_inference_steps=3, guidance_scale=1.0, num_frames=1, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(defaulted.frames, other.frames)  # the comparison can fail
+    assert loaded(**run, num_frames=9, num_inference_steps=1).frames.shape[1] == 6  # given values win
+
+
+def test_bad_generation_defaults_name_the_file(tmp_path):
+    from diffusers_mask2dit.release_loading import load_generation_defaults
+
+    (tmp_path / "generation_defaults.json").write_text('{"steps": 20}')
+    with pytest.raises(ValueError, match=r"generation_defaults.json must be a JSON object with keys among .*\['steps'\]"):
+        load_generation_defaults(str(tmp_path), {})
+
+
+def test_loading_our_own_folder_prints_no_config_warning(pipe, tmp_path):
+    """diffusers would say the saved `attn_mask_variant` "will be ignored"; the pipeline reads it back, so no warning."""
+    from diffusers.utils import logging as diffusers_logging
+
+    pipe.transformer.register_to_config(attn_mask_variant="v3")
+    try:
+        pipe.save_pretrained(str(tmp_path / "folder"))
+    finally:
+        pipe.transformer.register_to_config(attn_mask_variant="v2")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        loaded = Mask2DiTPipeline.from_pretrained(str(tmp_path / "folder"))
+        stock = CogVideoXTransformer3DModel.from_pretrained(str(tmp_path / "folder"), subfolder="transformer")
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert loaded.transformer.config.attn_mask_variant == "v3"
+    ignored = [r.getMessage() for r in records if "will be ignored" in r.getMessage()]
+    assert len(ignored) == 1 and "attn_mask_variant" in ignored[0]  # the stock class alone still says so

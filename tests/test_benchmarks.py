@@ -348,3 +348,22 @@ def test_bench_parallel_bytes_and_estimate():
         assert estimates[(scenes, 1, 1)]["speedup"] == 1.0
         for layout in ((8, 1), (4, 2)):
             assert 7.0 < estimates[(scenes, *layout)]["speedup"] < 8.0
+
+
+def test_results_already_there_are_kept_unless_output_names_them(tmp_path, monkeypatch, capsys):
+    """A benchmark run without --output never replaces a recorded (tracked) result; --output replaces on purpose."""
+    import argparse
+
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    args = argparse.Namespace(no_save=False, output=None, quick=False, device="cpu")
+    recorded = tmp_path / "bench_cpu.json"
+    recorded.write_text('{"recorded": true}\n')
+    written = common.save_json({"new": 1}, "bench", args)
+    assert json.loads(recorded.read_text()) == {"recorded": True}
+    assert written != recorded and json.loads(written.read_text())["new"] == 1
+    assert common.save_json({"new": 3}, "bench", args) == written  # saved again in the run: the same new file
+    assert "kept (pass --output" in capsys.readouterr().out
+    args.output = str(recorded)
+    assert common.save_json({"new": 2}, "bench", args) == recorded and json.loads(recorded.read_text())["new"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

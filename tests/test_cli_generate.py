@@ -42,10 +42,11 @@ def saved_latents(folder):
 
 def assert_outputs(folder, prompts, frames_per_scene=9, size=64):
     """The files `mask2dit evaluate` and `mask2dit extend` read: video.mp4, scene_XX.mp4, contact_sheet.png,
-    prompts.txt, latents.safetensors."""
+    prompts.txt, latents.safetensors, settings.json."""
     names = sorted(os.listdir(folder))
     scene_names = [f"scene_{i:02d}.mp4" for i in range(len(prompts))]
-    assert names == sorted(["video.mp4", "contact_sheet.png", "prompts.txt", "latents.safetensors"] + scene_names)
+    files = ["video.mp4", "contact_sheet.png", "prompts.txt", "latents.safetensors", "settings.json"]
+    assert names == sorted(files + scene_names)
     with open(os.path.join(folder, "prompts.txt"), encoding="utf-8") as handle:
         assert handle.read().splitlines() == prompts
     scenes = [read_video(os.path.join(folder, name)) for name in scene_names]
@@ -82,7 +83,7 @@ def test_demo_runs_multiscene_and_extension_offline(tmp_path, capsys):
     assert cli.main(["demo", "--random-weights", "--out", str(tmp_path / "demo")]) == 0
     captured = capsys.readouterr()
     assert "RANDOM" in captured.out and "not quality" in captured.out and "extended" in captured.out
-    from diffusers_mask2dit.generation_cli import DEMO_PROMPTS
+    from diffusers_mask2dit.shapes.demo import DEMO_PROMPTS
 
     assert_outputs(tmp_path / "demo", DEMO_PROMPTS)
     # every progress bar says what it counts (tqdm prints "desc: 50%|..." or, without one, just " 50%|...")
@@ -94,6 +95,9 @@ def test_demo_runs_multiscene_and_extension_offline(tmp_path, capsys):
         assert (strip < 128).any(), f"row {row} has no label"
         orange = ((strip[..., 0] - strip[..., 2]) > 60).any()
         assert orange == (row == 3), row
+    # a random-weight demo has no model folder for `extend --from` to reuse: said before anything loads
+    assert cli.main(["extend", "--from", str(tmp_path / "demo"), "--prompt", "a cat", "--out", str(tmp_path / "x")]) == 2
+    assert "--random-weights" in capsys.readouterr().err
 
 
 def test_generate_then_extend_continues_from_the_exact_latents(model, pipe, tmp_path):
@@ -117,8 +121,10 @@ def test_generate_then_extend_continues_from_the_exact_latents(model, pipe, tmp_
     assert_outputs(extended, prompts + ["a bird flies over the sea"])
     latents = saved_latents(extended)
     assert torch.equal(latents[:, :6], generated)  # the context, bit for bit
+    # `extend` reuses the guidance recorded in --from (1.0; the pipeline's default would be 6.0)
     reference = pipe.extend(prompt="a bird flies over the sea", context_prompts=prompts, context_latents=generated,
-                            num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(5))
+                            num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                            generator=torch.Generator().manual_seed(5))
     assert torch.equal(latents, reference.frames)  # the new scene is what the Python API makes from those latents
     for name in ("scene_00.mp4", "scene_01.mp4"):  # earlier scenes: their files, unchanged
         assert (out / name).read_bytes() == (extended / name).read_bytes()
@@ -139,7 +145,8 @@ def test_extend_without_latents_encodes_the_mp4_frames(model, pipe, tmp_path, ca
     # the uint8 frames of our own read_video, passed to the pipeline in the range it documents ([0, 1] floats)
     frames = [read_video(str(out / f"scene_{i:02d}.mp4")).astype(np.float32) / 255.0 for i in range(2)]
     reference = pipe.extend(prompt="a bird", context_prompts=["a dog"], context_frames=frames[1:],
-                            num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+                            num_inference_steps=2, guidance_scale=1.0,  # recorded in --from's settings.json
+                            output_type="latent", generator=torch.Generator().manual_seed(0))
     assert torch.equal(saved_latents(extended)[:, 3:], reference.frames)
     assert_outputs(extended, ["a cat", "a dog", "a bird"])
 

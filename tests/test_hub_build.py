@@ -289,7 +289,7 @@ def test_build_validates_repo_id_as_push_does(plain, tmp_path, repo_id, capsys):
     with pytest.raises(BuildError, match="--repo-id must be a Hub id"):
         build_hub_folder(plain, tmp_path / "hub", repo_id=repo_id, base_model="THUDM/CogVideoX-5b")
     assert not (tmp_path / "hub").exists()
-    with pytest.raises(PushError, match="--repo must be a Hub id"):
+    with pytest.raises(PushError, match="`--repo-id` must be a Hub id"):
         plan_push(plain, repo_id)
     assert main(["hub", "build", "--model", str(plain), "--out", str(tmp_path / "hub"), "--repo-id", repo_id]) == 2
     assert "--repo-id must be a Hub id" in capsys.readouterr().err

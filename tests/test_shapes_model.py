@@ -89,7 +89,7 @@ def test_hub_build_and_custom_pipeline_run_the_shipped_model(tmp_path):
 
 def test_demo_defaults_to_the_shapes_model(tmp_path, capsys):
     from diffusers_mask2dit.cli import main as cli_main
-    from diffusers_mask2dit.generation_cli import DEMO_PROMPTS
+    from diffusers_mask2dit.shapes.demo import DEMO_PROMPTS
     from diffusers_mask2dit.video_io import read_video
 
     out = tmp_path / "demo"
@@ -191,3 +191,34 @@ def test_ablation_names_a_missing_model_folder(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match="model-v1/.*--variants v1"):
         ablation.RunModels(str(tmp_path / "run")).pipe("v1")
+
+
+def test_the_shipped_folder_carries_its_sampling_defaults(pipe):
+    """`generation_defaults.json` holds the steps and guidance chosen on validation samples (shapes/model.py)."""
+    assert pipe.generation_defaults == {
+        "num_inference_steps": shapes_model.NUM_INFERENCE_STEPS, "guidance_scale": shapes_model.GUIDANCE_SCALE,
+    }
+
+
+def test_generate_with_the_shapes_model_gives_the_demos_result(tmp_path):
+    """`mask2dit generate --model <shapes model>` without step or guidance flags makes the demo's video (same seed,
+    bit for bit), and `extend --from` that folder reuses the recorded model (no --model) as if it were given."""
+    from safetensors.torch import load_file
+
+    from diffusers_mask2dit.cli import main as cli_main
+
+    prompts = ["--prompt", "a red circle moves right", "--prompt", "a blue square moves up", "--seed", "3"]
+    assert cli_main(["demo", *prompts, "--out", str(tmp_path / "demo"), "--device", "cpu"]) == 0
+    model = shapes_model.shipped_model_path()
+    assert cli_main(["generate", "--model", model, *prompts, "--out", str(tmp_path / "gen"), "--device", "cpu"]) == 0
+    demo, made = (load_file(str(tmp_path / name / "latents.safetensors"))["latents"] for name in ("demo", "gen"))
+    assert torch.equal(demo, made)
+    # Both runs take the folder's defaults (test_the_shipped_folder_carries_its_sampling_defaults checks them and
+    # test_bad_inputs_pipeline that the pipeline applies a folder's defaults); the record says none was given.
+    assert json.loads((tmp_path / "gen" / "settings.json").read_text())["steps"] is None
+
+    new = ["--prompt", "a green circle moves down", "--steps", "4", "--device", "cpu"]
+    assert cli_main(["extend", "--from", str(tmp_path / "gen"), *new, "--out", str(tmp_path / "ext")]) == 0
+    assert cli_main(["extend", "--from", str(tmp_path / "gen"), *new, "--model", model, "--out", str(tmp_path / "ext2")]) == 0
+    reused, given = (load_file(str(tmp_path / name / "latents.safetensors"))["latents"] for name in ("ext", "ext2"))
+    assert torch.equal(reused, given) and reused.shape[1] == 3 * made.shape[1] // 2

@@ -102,6 +102,16 @@ def test_mask2dit_cli_has_train_and_precompute(tmp_path):
     assert args.func.__name__ == "run_precompute"
 
 
+def test_train_flags_are_dashed_with_underscore_aliases():
+    from diffusers_mask2dit.cli import build_parser
+
+    parser = build_parser()
+    dashed = parser.parse_args(["train", "--cond-prob", "0.3", "--lora-target-modules", "to_q", "--max-train-steps", "5"])
+    underscored = parser.parse_args(["train", "--cond_prob", "0.3", "--lora_target_modules", "to_q", "--max_train_steps", "5"])
+    assert config_from_args(dashed) == config_from_args(underscored)
+    assert config_from_args(dashed).cond_prob == 0.3 and config_from_args(dashed).max_train_steps == 5
+
+
 def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
     from diffusers_mask2dit.cli import main
 

@@ -225,6 +225,7 @@ def test_one_scene_is_bit_identical_to_stock(style):
 
 def test_no_rope_is_built_inside(monkeypatch):
     """Without `image_rotary_emb` the model runs without RoPE, as stock does; it never builds one itself."""
+    from diffusers_mask2dit import layout as layout_module
     from diffusers_mask2dit import transformer as transformer_module
 
     _, ours = pair("1.5")
@@ -232,8 +233,9 @@ def test_no_rope_is_built_inside(monkeypatch):
     def no_rope(*args, **kwargs):
         raise AssertionError("the transformer must not build RoPE when none is given")
 
-    monkeypatch.setattr(transformer_module, "_rope_over_frames", no_rope)
-    monkeypatch.setattr(transformer_module, "get_3d_rotary_pos_embed", no_rope)
+    monkeypatch.setattr(transformer_module, "rope_over_frames", no_rope)
+    monkeypatch.setattr(layout_module, "rope_over_frames", no_rope)
+    monkeypatch.setattr(layout_module, "get_3d_rotary_pos_embed", no_rope)
     x, text = torch.randn(1, 5, 4, 8, 8), torch.randn(1, 2 * TEXT, 12)
     with torch.no_grad():
         out = ours(x, text, torch.tensor([[0, 400]]), scene_frames=[2, 3]).sample

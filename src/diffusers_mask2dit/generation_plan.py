@@ -83,27 +83,42 @@ class SamplingOptions:
     attention_kwargs: Optional[Dict[str, Any]]
     callback_on_step_end: Optional[Callable]
     callback_on_step_end_tensor_inputs: List[str]
-    max_sequence_length: int
+    max_sequence_length: Optional[int]
+    output_type: str = "pil"
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0
 
 
+def with_generation_defaults(sampling: SamplingOptions, defaults: Dict[str, Any]) -> SamplingOptions:
+    """``sampling`` with the options left at None taken from a folder's ``defaults`` (`generation_defaults`), then
+    CogVideoX's (50 steps, guidance 6); a ``scene_mask`` default joins ``attention_kwargs`` unless given there."""
+    if sampling.num_inference_steps is None:
+        sampling.num_inference_steps = defaults.get("num_inference_steps", 50)
+    if sampling.guidance_scale is None:
+        sampling.guidance_scale = defaults.get("guidance_scale", 6.0)
+    if "scene_mask" in defaults and "scene_mask" not in (sampling.attention_kwargs or {}):
+        sampling.attention_kwargs = {**(sampling.attention_kwargs or {}), "scene_mask": defaults["scene_mask"]}
+    return sampling
+
+
 def plan_pixel_size(pipe, height: Any, width: Any) -> Tuple[int, int]:
-    """``height`` and ``width`` checked; None takes the transformer's sample size (nothing else is a default)."""
+    """``height`` and ``width`` checked; None takes the folder's `generation_defaults`, then the transformer's sample
+    size (nothing else is a default)."""
     config = pipe.transformer.config
     factor = pipe.vae_scale_factor_spatial * config.patch_size
     detail = f"VAE x{pipe.vae_scale_factor_spatial} times patch {config.patch_size}"
-    default_height = config.sample_height * pipe.vae_scale_factor_spatial
-    default_width = config.sample_width * pipe.vae_scale_factor_spatial
+    defaults = getattr(pipe, "generation_defaults", {})
+    default_height = defaults.get("height", config.sample_height * pipe.vae_scale_factor_spatial)
+    default_width = defaults.get("width", config.sample_width * pipe.vae_scale_factor_spatial)
     return (
         default_height if height is None else pixel_size(height, "height", factor, detail),
         default_width if width is None else pixel_size(width, "width", factor, detail),
     )
 
 def scene_frame_counts(pipe, num_frames: Optional[FrameCounts], num_scenes: int, name: str) -> List[int]:
-    default = pipe.transformer.config.sample_frames
+    default = getattr(pipe, "generation_defaults", {}).get("num_frames", pipe.transformer.config.sample_frames)
     return per_scene_counts(default if num_frames is None else num_frames, num_scenes, name)
 
 def check_plan(pipe, plan: GenerationPlan) -> None:
@@ -136,6 +151,7 @@ def call_plan(
     prompt_name: str = "prompt", **fields,
 ) -> GenerationPlan:
     """The plan of ``__call__``: scenes from prompts, or from prompt embeddings ``(B, n, L, D)`` / ``(B, L, D)``."""
+    positive_int(fields["num_videos_per_prompt"], "num_videos_per_prompt")
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("Pass exactly one of `prompt` (one string per scene) and `prompt_embeds` (B, n, L, D).")
     if prompt is not None:
@@ -185,6 +201,7 @@ def extend_plan(
     context_num_frames, height, width, context_generator, **fields,
 ) -> GenerationPlan:
     """The plan of ``extend``: the context scenes (latents, or pixels encoded here), then the new scenes."""
+    positive_int(fields["num_videos_per_prompt"], "num_videos_per_prompt")
     context = scene_prompt_lists(context_prompts, "context_prompts")
     new = new_scene_prompts(prompt, len(context), batched=not is_str_list(context_prompts))
     positive_int(num_new_scenes, "num_new_scenes")

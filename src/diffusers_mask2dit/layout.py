@@ -1,4 +1,4 @@
-"""Scene layout and Mask²DiT attention-mask rules.
+"""Scene layout and Mask²DiT attention-mask rules; scene frames and the video positions that run over them.
 
 Pure functions and a small frozen dataclass: no torch modules here. The sequence of one sample is
 ``[text_1 .. text_n ; video_1 .. video_n]`` (paper Fig. 1): every scene's text tokens first, then every
@@ -8,9 +8,10 @@ scene's video tokens, each scene a contiguous run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
 TEXT = "text"
 VIDEO = "video"
@@ -197,3 +198,78 @@ def allowed_pair_fraction(layout: SceneLayout, variant: str) -> float:
         else:
             count += sum(a * b for a, b in zip(lengths[q_kind], lengths[k_kind]))
     return count / float(layout.total**2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scene frames and video positions
+# --------------------------------------------------------------------------------------------------
+
+
+def patch_aligned_frames(scene_frames: Sequence[int], patch_size_t: Optional[int]) -> List[int]:
+    """Latent frames per scene rounded up to whole temporal patches (CogVideoX 1.5); unchanged without them."""
+    return [f + (-f) % patch_size_t if patch_size_t else f for f in scene_frames]
+
+
+def drop_leading_frames(x: torch.Tensor, scene_frames: Sequence[int], padded_frames: Sequence[int]) -> torch.Tensor:
+    """``(B, sum(padded_frames), ...)`` -> ``(B, sum(scene_frames), ...)``: drop each scene's leading filler frames."""
+    if list(scene_frames) == list(padded_frames):
+        return x
+    pieces, start = [], 0
+    for frames, padded in zip(scene_frames, padded_frames):
+        pieces.append(x[:, start + padded - frames : start + padded])
+        start += padded
+    return torch.cat(pieces, dim=1)
+
+
+def rope_over_frames(
+    config: Any, latent_height: int, latent_width: int, latent_frames: int, device: Any
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """3D RoPE over ``latent_frames`` latent frames, the formula of `CogVideoXPipeline`: ``(cos, sin)``,
+    each ``(video_tokens, attention_head_dim)``."""
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p, p_t = config.patch_size, config.patch_size_t
+    grid_height, grid_width = latent_height // p, latent_width // p
+    base_width, base_height = config.sample_width // p, config.sample_height // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
+        return get_3d_rotary_pos_embed(
+            embed_dim=config.attention_head_dim,
+            crops_coords=crops,
+            grid_size=(grid_height, grid_width),
+            temporal_size=latent_frames,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=config.attention_head_dim,
+        crops_coords=None,
+        grid_size=(grid_height, grid_width),
+        temporal_size=(latent_frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_height, base_width),
+        device=device,
+    )
+
+
+def scene_rotary_emb(
+    config: Any, latent_height: int, latent_width: int, scene_frames: Union[int, Sequence[int]], device: Any
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The ``image_rotary_emb`` a CogVideoX transformer with ``config`` needs for scenes laid end to end.
+
+    Positions run on over all scenes' latent frames (each scene rounded up to whole temporal patches for
+    CogVideoX 1.5). None for models without RoPE (2b), which is what they take.
+
+    Args:
+        config: the transformer's config (``transformer.config``; works for wrapped models too).
+        latent_height, latent_width: latent size ``h, w`` (pixels / 8).
+        scene_frames: latent frames of each scene (or one int: one scene).
+        device: where to build it.
+
+    Returns:
+        ``(cos, sin)``, each ``(video_tokens, attention_head_dim)``, or None.
+    """
+    if not config.use_rotary_positional_embeddings:
+        return None
+    frames = [scene_frames] if isinstance(scene_frames, int) else list(scene_frames)
+    total = sum(patch_aligned_frames(frames, config.patch_size_t))
+    return rope_over_frames(config, latent_height, latent_width, total, device)

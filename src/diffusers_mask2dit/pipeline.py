@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -33,17 +32,25 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, is_torch_xla_available, logging
 from transformers import T5EncoderModel, T5Tokenizer
 
-from .generation_plan import GenerationPlan, SamplingOptions, call_plan, check_plan, extend_plan, plan_pixel_size, window_plan
+from .generation_plan import (
+    GenerationPlan,
+    SamplingOptions,
+    call_plan,
+    check_plan,
+    extend_plan,
+    plan_pixel_size,
+    window_plan,
+    with_generation_defaults,
+)
 from .pipeline_inputs import (
     FrameCounts,
     ScenePrompts,
     check_frame_counts,
     check_options,
-    check_output_type,
-    check_sampling,
+        check_sampling,
     pixel_scene,
 )
-from .release_loading import DIFFUSERS_DTYPE_KWARG, OFFICIAL_MODEL_ID, has_model_index, load_official_components
+from .release_loading import OFFICIAL_MODEL_ID, Mask2DiTLoadingMixin
 from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, scene_rotary_emb
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -74,7 +81,7 @@ class Mask2DiTPipelineOutput(BaseOutput):
     latents: Optional[torch.Tensor] = None
 
 
-class Mask2DiTPipeline(CogVideoXPipeline):
+class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline):
     r"""Multi-scene text-to-video generation with Mask²DiT on CogVideoX (2b, 5b and 1.5 transformers).
 
     Takes the components of a `CogVideoXPipeline`; a plain `CogVideoXTransformer3DModel` is turned into a
@@ -104,38 +111,14 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         super().__init__(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
+        # Sampling defaults a model folder carries (`generation_defaults.json`, keys as the arguments they stand
+        # for): arguments left at None take them, then the transformer config's, then CogVideoX's 50 steps / 6.0.
+        self.generation_defaults: Dict[str, Any] = {}
         # Record the transformer under its diffusers base class (same weights and keys): a saved folder stays a
         # CogVideoX checkpoint that this class, `CogVideoXPipeline` and `DiffusionPipeline(custom_pipeline=...)`
         # all load. diffusers cannot load a component recorded under an outside module's class name.
         if transformer is not None:
             self.register_to_config(transformer=("diffusers", "CogVideoXTransformer3DModel"))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "Mask2DiTPipeline":
-        """Load from a diffusers folder or Hub id; folders without ``model_index.json`` go to `from_official`.
-
-        ``dtype`` and ``torch_dtype`` are the same option, passed on under the name the installed diffusers takes.
-        """
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-        if not has_model_index(pretrained_model_name_or_path, kwargs):
-            return cls.from_official(pretrained_model_name_or_path, dtype=dtype, **kwargs)
-        if dtype is not None:
-            kwargs[DIFFUSERS_DTYPE_KWARG] = dtype
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
-    def from_official(
-        cls,
-        pretrained_model_name_or_path: Union[str, os.PathLike] = OFFICIAL_MODEL_ID,
-        dtype: Optional[torch.dtype] = None,
-        **kwargs,
-    ) -> "Mask2DiTPipeline":
-        """Load the authors' released layout (no ``model_index.json``); see `load_official_components`.
-
-        ``dtype`` (or ``torch_dtype``) sets the models' dtype; download options (``revision``, ``cache_dir``,
-        ``local_files_only``, ``token``, ...) go to every component's loader; components passed by name are used.
-        """
-        return cls(**load_official_components(pretrained_model_name_or_path, dtype=dtype, **kwargs))
 
     # ----------------------------------------------------------------------------------------------
     # Frames, prompts and pixels
@@ -291,22 +274,19 @@ class Mask2DiTPipeline(CogVideoXPipeline):
     # Describing a generation
     # ----------------------------------------------------------------------------------------------
 
-    def _begin_sampling(self, args: Dict[str, Any]) -> SamplingOptions:
-        """Check the options every generation shares, taken by name from the caller's arguments (``locals()``), and
+    def _begin_sampling(self, sampling: SamplingOptions) -> SamplingOptions:
+        """Check the options every generation shares, fill those left at None from `generation_defaults`, and
         reset the per-call state `CogVideoXPipeline` keeps (guidance scale, interrupt flag, current timestep)."""
         if self.transformer is None:
             raise ValueError(
                 "This pipeline has no transformer (built with `transformer=None`): it can encode prompts "
                 "(`encode_prompt`) but not generate. Load or pass a transformer to generate."
             )
-        check_sampling(
-            args["num_inference_steps"], args["timesteps"], args["num_videos_per_prompt"], args["max_sequence_length"]
-        )
-        check_output_type(args["output_type"])
-        callback = args["callback_on_step_end"]
+        sampling = with_generation_defaults(sampling, self.generation_defaults)
+        check_sampling(sampling, int(self.transformer.config.max_text_seq_length))
+        callback = sampling.callback_on_step_end
         if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
-            args = {**args, "callback_on_step_end_tensor_inputs": callback.tensor_inputs}
-        sampling = SamplingOptions(**{field: args[field] for field in SamplingOptions.__dataclass_fields__})
+            sampling.callback_on_step_end_tensor_inputs = callback.tensor_inputs
         check_options(
             sampling.callback_on_step_end_tensor_inputs, self._callback_tensor_inputs, sampling.attention_kwargs
         )
@@ -480,9 +460,9 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         height: Optional[int] = None,
         width: Optional[int] = None,
         num_frames: Optional[FrameCounts] = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         timesteps: Optional[List[int]] = None,
-        guidance_scale: float = 6.0,
+        guidance_scale: Optional[float] = None,
         use_dynamic_cfg: bool = False,
         num_videos_per_prompt: int = 1,
         eta: float = 0.0,
@@ -508,8 +488,9 @@ class Mask2DiTPipeline(CogVideoXPipeline):
                 ``sample_frames`` (49). One scene takes any count `CogVideoXPipeline` takes; several scenes need
                 counts `is_valid_num_frames` accepts (1, 9, ..., 49 for CogVideoX).
             prompt_embeds, negative_prompt_embeds: instead of prompts, per-scene embeddings ``(B, n, L, D)``, or
-                ``(B, L, D)`` for one scene (as `encode_prompt` returns them). Without ``negative_prompt_embeds``,
-                guidance encodes ``negative_prompt`` (default "").
+                ``(B, L, D)`` for one scene (as `encode_prompt` returns them: B one-scene videos, so `encode_prompt`
+                of n scene prompts gives n videos; ``embeds[None]`` is one video of n scenes). Without
+                ``negative_prompt_embeds``, guidance encodes ``negative_prompt`` (default "").
             attention_kwargs: ``scene_mask`` ("v1", "v2", "v3", "full"), ``attention_backend`` and LoRA ``scale``.
             latents: initial noise ``(B * num_videos_per_prompt, F_latent, C, height / 8, width / 8)``.
             output_type: "pil", "np", "pt" or "latent".
@@ -519,12 +500,17 @@ class Mask2DiTPipeline(CogVideoXPipeline):
             ``latents``: the final latents) or the tuple ``(frames, scene_frames)``.
         """
         # 1. Check the sampling options; reset the per-call state
-        sampling = self._begin_sampling(locals())
+        sampling = self._begin_sampling(
+            SamplingOptions(
+                num_inference_steps, timesteps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs,
+                callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, output_type,
+            )
+        )
 
         # 2. Describe the generation: n scenes, their frames, prompts (or embeddings), no context
         height, width = plan_pixel_size(self, height, width)
         plan = call_plan(
-            self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, guidance_scale,
+            self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, sampling.guidance_scale,
             height=height, width=width, num_videos_per_prompt=num_videos_per_prompt, latents=latents,
         )
         check_plan(self, plan)
@@ -533,7 +519,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         latents = self._generate(plan, sampling)
 
         # 4. Decode each scene on its own
-        return self._finish(latents, plan.scene_frames, output_type, return_dict)
+        return self._finish(latents, plan.scene_frames, sampling.output_type, return_dict)
 
     # ----------------------------------------------------------------------------------------------
     # Scene extension
@@ -552,9 +538,9 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         context_num_frames: Optional[FrameCounts] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         timesteps: Optional[List[int]] = None,
-        guidance_scale: float = 6.0,
+        guidance_scale: Optional[float] = None,
         use_dynamic_cfg: bool = False,
         num_videos_per_prompt: int = 1,
         eta: float = 0.0,
@@ -594,7 +580,12 @@ class Mask2DiTPipeline(CogVideoXPipeline):
             then the new scenes.
         """
         # 1. Check the sampling options; reset the per-call state
-        sampling = self._begin_sampling(locals())
+        sampling = self._begin_sampling(
+            SamplingOptions(
+                num_inference_steps, timesteps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs,
+                callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, output_type,
+            )
+        )
 
         # 2. Describe the generation: the context scenes (clean latents, or pixels encoded), then the new scenes
         plan = extend_plan(
@@ -609,7 +600,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         latents = self._generate(plan, sampling)
 
         # 4. Decode the window, each scene on its own
-        return self._finish(latents, plan.scene_frames, output_type, return_dict)
+        return self._finish(latents, plan.scene_frames, sampling.output_type, return_dict)
 
     # ----------------------------------------------------------------------------------------------
     # Long videos
@@ -624,9 +615,9 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         height: Optional[int] = None,
         width: Optional[int] = None,
         num_frames: Optional[FrameCounts] = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         timesteps: Optional[List[int]] = None,
-        guidance_scale: float = 6.0,
+        guidance_scale: Optional[float] = None,
         use_dynamic_cfg: bool = False,
         num_videos_per_prompt: int = 1,
         eta: float = 0.0,
@@ -657,7 +648,12 @@ class Mask2DiTPipeline(CogVideoXPipeline):
             `Mask2DiTPipelineOutput` with all N scenes.
         """
         # 1. Check inputs; describe the whole story as one plan of N scenes
-        sampling = self._begin_sampling(locals())
+        sampling = self._begin_sampling(
+            SamplingOptions(
+                num_inference_steps, timesteps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs,
+                callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, output_type,
+            )
+        )
         if not isinstance(scenes_per_window, int) or isinstance(scenes_per_window, bool) or scenes_per_window < 2:
             raise ValueError(
                 f"`scenes_per_window` must be an int >= 2 (scene extension needs at least one context scene); "
@@ -665,7 +661,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
             )
         height, width = plan_pixel_size(self, height, width)
         story = call_plan(
-            self, prompts, negative_prompt, None, None, num_frames, guidance_scale, prompt_name="prompts",
+            self, prompts, negative_prompt, None, None, num_frames, sampling.guidance_scale, prompt_name="prompts",
             height=height, width=width, num_videos_per_prompt=num_videos_per_prompt, latents=latents,
         )
         check_plan(self, story)
@@ -673,7 +669,7 @@ class Mask2DiTPipeline(CogVideoXPipeline):
         # 2. Encode every scene's prompt once: the text encoder runs here only
         positive, negative, story.text_lengths = self.encode_scene_prompts(
             story.prompts, story.negative_prompts, sampling.do_classifier_free_guidance, num_videos_per_prompt,
-            max_sequence_length, self._execution_device, per_scene=True,
+            sampling.max_sequence_length, self._execution_device, per_scene=True,
         )
 
         # 3. The first window together, then one scene at a time over the last `scenes_per_window - 1` scenes
@@ -690,4 +686,4 @@ class Mask2DiTPipeline(CogVideoXPipeline):
             scene_latents.extend(torch.split(new_latents, plan.scene_frames[num_context:], dim=1))
 
         # 4. Decode every scene
-        return self._finish(torch.cat(scene_latents, dim=1), story.scene_frames, output_type, return_dict)
+        return self._finish(torch.cat(scene_latents, dim=1), story.scene_frames, sampling.output_type, return_dict)

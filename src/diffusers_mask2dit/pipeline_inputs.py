@@ -17,6 +17,8 @@ from .attention import BACKENDS
 from .layout import check_mask_variant
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# What `attention_kwargs` may hold: the scene mask and attention backend, and the LoRA scale (as in CogVideoX).
+ATTENTION_KWARGS = ("scene_mask", "attention_backend", "scale")
 
 ScenePrompts = Union[str, List[str], List[List[str]]]
 FrameCounts = Union[int, List[int]]
@@ -173,23 +175,28 @@ def pixel_size(value: Any, name: str, factor: int, detail: str) -> int:
     return int(value)
 
 
-def check_sampling(
-    num_inference_steps: Any, timesteps: Optional[Sequence[int]], num_videos_per_prompt: Any, max_sequence_length: Any
-) -> None:
-    """Step counts, videos per prompt and the text length: positive ints (with ``timesteps`` the step count is
-    their number and ``num_inference_steps`` is not used; a text length of None means the transformer's own)."""
-    if timesteps is None:
-        positive_int(num_inference_steps, "num_inference_steps", " (denoising steps)")
-    elif len(timesteps) == 0:
+def check_sampling(sampling: Any, max_text_seq_length: int) -> None:
+    """The `SamplingOptions` every generation shares: step counts (with ``timesteps`` the step count is their number
+    and ``num_inference_steps`` is not used), a finite guidance scale >= 0 (<= 1: no guidance), ``eta`` >= 0, a text
+    length up to the transformer's ``max_text_seq_length`` (None: that length) and the output type."""
+    if sampling.timesteps is None:
+        positive_int(sampling.num_inference_steps, "num_inference_steps", " (denoising steps)")
+    elif len(sampling.timesteps) == 0:
         raise ValueError("`timesteps` must list at least one timestep; got an empty list.")
-    positive_int(num_videos_per_prompt, "num_videos_per_prompt")
-    if max_sequence_length is not None:
-        positive_int(max_sequence_length, "max_sequence_length", " (text tokens per scene prompt)")
-
-
-def check_output_type(output_type: Any) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}; got {output_type!r}.")
+    for name in ("guidance_scale", "eta"):
+        value = getattr(sampling, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value < float("inf"):
+            meaning = " (<= 1 turns guidance off)" if name == "guidance_scale" else " (DDIM's noise; 0 is deterministic)"
+            raise ValueError(f"`{name}` must be a finite number >= 0{meaning}; got {_describe(value)}.")
+    if sampling.max_sequence_length is not None:
+        positive_int(sampling.max_sequence_length, "max_sequence_length", " (text tokens per scene prompt)")
+        if sampling.max_sequence_length > max_text_seq_length:
+            raise ValueError(
+                f"`max_sequence_length` must be at most the transformer's `max_text_seq_length` ({max_text_seq_length}), "
+                f"the text length it was trained with; got {sampling.max_sequence_length}."
+            )
+    if sampling.output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}; got {sampling.output_type!r}.")
 
 
 def check_options(
@@ -206,6 +213,9 @@ def check_options(
             f"{callback_on_step_end_tensor_inputs}."
         )
     attention_kwargs = attention_kwargs or {}
+    unknown = sorted(set(attention_kwargs) - set(ATTENTION_KWARGS))
+    if unknown:
+        raise ValueError(f"`attention_kwargs` takes the keys {list(ATTENTION_KWARGS)}; got unknown {unknown}.")
     if "scene_mask" in attention_kwargs:
         check_mask_variant(attention_kwargs["scene_mask"], "attention_kwargs['scene_mask']")
     if attention_kwargs.get("attention_backend", "auto") not in BACKENDS:

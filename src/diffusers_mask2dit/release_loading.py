@@ -6,16 +6,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
-from typing import Any, Dict, Optional, Union
+import re
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import torch
 from diffusers import AutoencoderKLCogVideoX
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging
 from transformers import T5EncoderModel, T5Tokenizer
 
 from .transformer import Mask2DiTTransformer3DModel
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 OFFICIAL_MODEL_ID = "qth/Mask2DiT"
 COMPONENT_NAMES = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
@@ -117,3 +124,120 @@ def has_model_index(pretrained_model_name_or_path: Union[str, os.PathLike], kwar
         return file_exists(path, filename, revision=kwargs.get("revision"), token=kwargs.get("token"))
     except Exception:  # offline or unknown repo: diffusers' own loader gives the clearer error
         return True
+
+
+# --------------------------------------------------------------------------------------------------
+# What a folder carries beyond its components
+# --------------------------------------------------------------------------------------------------
+
+# A model folder's own sampling defaults (e.g. the Shapes model's 20 steps / guidance 3), which `__call__`, `extend`
+# and `generate_long` use for the arguments a caller leaves at None. Written by `save_pretrained` when set.
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
+GENERATION_DEFAULT_KEYS = ("num_inference_steps", "guidance_scale", "num_frames", "height", "width", "scene_mask")
+
+
+def check_generation_defaults(defaults: Any, source: str) -> Dict[str, Any]:
+    """``defaults`` as a dict of known keys, or a ValueError naming ``source`` and the keys it accepts (the values
+    are checked as the arguments they stand for, when they are used)."""
+    if not isinstance(defaults, dict) or not set(defaults) <= set(GENERATION_DEFAULT_KEYS):
+        unknown = sorted(set(defaults) - set(GENERATION_DEFAULT_KEYS)) if isinstance(defaults, dict) else defaults
+        raise ValueError(
+            f"{source} must be a JSON object with keys among {list(GENERATION_DEFAULT_KEYS)}; got {unknown!r}."
+        )
+    return dict(defaults)
+
+
+def load_generation_defaults(pretrained_model_name_or_path: Union[str, os.PathLike], kwargs: Dict[str, Any]) -> Dict:
+    """The ``generation_defaults.json`` of a local folder or Hub repo (download options from ``kwargs``); ``{}``
+    when it has none."""
+    import json
+
+    path = os.fspath(pretrained_model_name_or_path)
+    if os.path.isdir(path):
+        file = os.path.join(path, GENERATION_DEFAULTS_FILE)
+        file = file if os.path.isfile(file) else None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            options = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs and key != "proxies"}
+            file = hf_hub_download(path, GENERATION_DEFAULTS_FILE, **options)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            file = None
+    if file is None:
+        return {}
+    with open(file, encoding="utf-8") as handle:
+        try:
+            defaults = json.load(handle)
+        except ValueError as error:
+            raise ValueError(f"{file} is not valid JSON ({error}).") from error
+    return check_generation_defaults(defaults, file)
+
+
+class _OwnConfigKeysFilter:
+    """Drops diffusers' "config attributes {...} will be ignored" when the only keys are the Mask²DiT ones a folder
+    saved by this pipeline records on its (stock-class) transformer: the pipeline reads them back, so the warning
+    would tell a reader that the scene mask is ignored when it is not."""
+
+    OWN_KEYS = ("attn_mask_variant", "attn_msk_version")
+
+    def filter(self, record: Any) -> bool:  # a logging.Filter: `Logger.addFilter` takes any object with `filter`
+        message = record.getMessage()
+        if "were passed to CogVideoXTransformer3DModel, but are not expected" not in message:
+            return True
+        return not all(key in self.OWN_KEYS for key in re.findall(r"'(\w+)':", message.split("}")[0]))
+
+
+@contextlib.contextmanager
+def own_config_keys_quiet():
+    """While loading a saved Mask²DiT folder: no warning about its own transformer config keys."""
+    diffusers_logger = logging.get_logger("diffusers.configuration_utils")
+    quiet = _OwnConfigKeysFilter()
+    diffusers_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        diffusers_logger.removeFilter(quiet)
+
+
+class Mask2DiTLoadingMixin:
+    """How `Mask2DiTPipeline` loads and saves: diffusers folders and Hub ids, the authors' released layout (no
+    ``model_index.json``), and the folder's `generation_defaults`. Put before the diffusers pipeline class."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "DiffusionPipeline":
+        """Load from a diffusers folder or Hub id; folders without ``model_index.json`` go to `from_official`.
+
+        ``dtype`` and ``torch_dtype`` are the same option, passed on under the name the installed diffusers takes.
+        """
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        if not has_model_index(pretrained_model_name_or_path, kwargs):
+            return cls.from_official(pretrained_model_name_or_path, dtype=dtype, **kwargs)
+        if dtype is not None:
+            kwargs[DIFFUSERS_DTYPE_KWARG] = dtype
+        with own_config_keys_quiet():
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.generation_defaults = load_generation_defaults(pretrained_model_name_or_path, kwargs)
+        return pipe
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained`, plus ``generation_defaults.json`` when the pipeline has defaults."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.generation_defaults:
+            with open(os.path.join(save_directory, GENERATION_DEFAULTS_FILE), "w", encoding="utf-8") as handle:
+                json.dump(check_generation_defaults(self.generation_defaults, "generation_defaults"), handle, indent=2)
+
+    @classmethod
+    def from_official(
+        cls,
+        pretrained_model_name_or_path: Union[str, os.PathLike] = OFFICIAL_MODEL_ID,
+        dtype: Optional[torch.dtype] = None,
+        **kwargs,
+    ) -> "DiffusionPipeline":
+        """Load the authors' released layout (no ``model_index.json``); see `load_official_components`.
+
+        ``dtype`` (or ``torch_dtype``) sets the models' dtype; download options (``revision``, ``cache_dir``,
+        ``local_files_only``, ``token``, ...) go to every component's loader; components passed by name are used.
+        """
+        return cls(**load_official_components(pretrained_model_name_or_path, dtype=dtype, **kwargs))

@@ -177,7 +177,7 @@ def _tiny_transformer(style: str):
     )
 
 
-def _tiny_scheduler(style: str):
+def tiny_scheduler(style: str):
     from diffusers import CogVideoXDDIMScheduler
 
     return CogVideoXDDIMScheduler(
@@ -226,7 +226,7 @@ def build_tiny_components(style: str = "5b", seed: int = 0) -> Dict[str, Any]:
         "text_encoder": text_encoder,
         "vae": vae,
         "transformer": transformer,
-        "scheduler": _tiny_scheduler(style),
+        "scheduler": tiny_scheduler(style),
     }
 
 

@@ -31,13 +31,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
+from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.normalization import AdaLayerNorm, CogVideoXLayerNormZero
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
 from .attention import SceneAttentionOptions, run_scene_attention
-from .layout import DEFAULT_MASK_VARIANT, SceneLayout, check_mask_variant
+from .layout import (
+    DEFAULT_MASK_VARIANT,
+    SceneLayout,
+    check_mask_variant,
+    drop_leading_frames,
+    patch_aligned_frames,
+    rope_over_frames,
+    scene_rotary_emb,
+)
 from .parallel import SCENE_CP_PLAN, SequenceShard, check_same_inputs, resolve_parallel_config, sequence_shard
 
 # --------------------------------------------------------------------------------------------------
@@ -248,22 +256,6 @@ def _make_scene_aware(module: torch.nn.Module, stock_class: type, scene_class: t
 # --------------------------------------------------------------------------------------------------
 
 
-def patch_aligned_frames(scene_frames: Sequence[int], patch_size_t: Optional[int]) -> List[int]:
-    """Latent frames per scene rounded up to whole temporal patches (CogVideoX 1.5); unchanged without them."""
-    return [f + (-f) % patch_size_t if patch_size_t else f for f in scene_frames]
-
-
-def drop_leading_frames(x: torch.Tensor, scene_frames: Sequence[int], padded_frames: Sequence[int]) -> torch.Tensor:
-    """``(B, sum(padded_frames), ...)`` -> ``(B, sum(scene_frames), ...)``: drop each scene's leading filler frames."""
-    if list(scene_frames) == list(padded_frames):
-        return x
-    pieces, start = [], 0
-    for frames, padded in zip(scene_frames, padded_frames):
-        pieces.append(x[:, start + padded - frames : start + padded])
-        start += padded
-    return torch.cat(pieces, dim=1)
-
-
 def _as_int_list(values: Sequence[Any], name: str) -> List[int]:
     try:
         result = [int(v) for v in values]
@@ -272,60 +264,6 @@ def _as_int_list(values: Sequence[Any], name: str) -> List[int]:
     if not result or any(v <= 0 for v in result):
         raise ValueError(f"`{name}` must be a non-empty list of positive integers, got {values!r}.")
     return result
-
-
-def _rope_over_frames(
-    config: Any, latent_height: int, latent_width: int, latent_frames: int, device: Any
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """3D RoPE over ``latent_frames`` latent frames, the formula of `CogVideoXPipeline`: ``(cos, sin)``,
-    each ``(video_tokens, attention_head_dim)``."""
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-    p, p_t = config.patch_size, config.patch_size_t
-    grid_height, grid_width = latent_height // p, latent_width // p
-    base_width, base_height = config.sample_width // p, config.sample_height // p
-    if p_t is None:
-        crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
-        return get_3d_rotary_pos_embed(
-            embed_dim=config.attention_head_dim,
-            crops_coords=crops,
-            grid_size=(grid_height, grid_width),
-            temporal_size=latent_frames,
-            device=device,
-        )
-    return get_3d_rotary_pos_embed(
-        embed_dim=config.attention_head_dim,
-        crops_coords=None,
-        grid_size=(grid_height, grid_width),
-        temporal_size=(latent_frames + p_t - 1) // p_t,
-        grid_type="slice",
-        max_size=(base_height, base_width),
-        device=device,
-    )
-
-
-def scene_rotary_emb(
-    config: Any, latent_height: int, latent_width: int, scene_frames: Union[int, Sequence[int]], device: Any
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The ``image_rotary_emb`` a CogVideoX transformer with ``config`` needs for scenes laid end to end.
-
-    Positions run on over all scenes' latent frames (each scene rounded up to whole temporal patches for
-    CogVideoX 1.5). None for models without RoPE (2b), which is what they take.
-
-    Args:
-        config: the transformer's config (``transformer.config``; works for wrapped models too).
-        latent_height, latent_width: latent size ``h, w`` (pixels / 8).
-        scene_frames: latent frames of each scene (or one int: one scene).
-        device: where to build it.
-
-    Returns:
-        ``(cos, sin)``, each ``(video_tokens, attention_head_dim)``, or None.
-    """
-    if not config.use_rotary_positional_embeddings:
-        return None
-    frames = [scene_frames] if isinstance(scene_frames, int) else list(scene_frames)
-    total = sum(patch_aligned_frames(frames, config.patch_size_t))
-    return _rope_over_frames(config, latent_height, latent_width, total, device)
 
 
 class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
@@ -553,7 +491,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         self, latent_height: int, latent_width: int, latent_frames: int, device: torch.device
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """3D RoPE over ``latent_frames`` frames (all scenes, padded), the same formula as `CogVideoXPipeline`."""
-        return _rope_over_frames(self.config, latent_height, latent_width, latent_frames, device)
+        return rope_over_frames(self.config, latent_height, latent_width, latent_frames, device)
 
     def prepare_rotary_emb(
         self, latent_height: int, latent_width: int, scene_frames: Union[int, Sequence[int]], device: Any

@@ -25,7 +25,7 @@ def _options(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import check_device, fail
+    from ..cli_utils import check_device, fail
     from .prepare import prepare_data
 
     handler = logging.StreamHandler(sys.stderr)

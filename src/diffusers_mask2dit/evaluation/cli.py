@@ -19,6 +19,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..cli_utils import check_device, fail
 from . import core
 from .metrics import METRIC_KEYS
 
@@ -110,12 +111,10 @@ def _encoder_name(args: argparse.Namespace) -> str:
 
 
 def _load_encoder(args: argparse.Namespace):
-    from .encoders import CLIPVideoEncoder, save_tiny_clip
+    from .encoders import CLIPVideoEncoder, registered_encoder, save_tiny_clip
 
-    if args.shapes:
-        from ..shapes.score import ShapesEncoder
-
-        return ShapesEncoder()
+    if args.shapes:  # registered by the Shapes world's command module (`mask2dit demo`), which the CLI loads
+        return registered_encoder(SHAPES_SCORER)
     options = dict(device=args.device, frames_per_scene=args.frames_per_scene, batch_size=args.batch_size)
     if not args.tiny_clip:
         return CLIPVideoEncoder.from_pretrained(args.clip, **options)
@@ -195,8 +194,6 @@ def _with_option_names(error: Exception) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``mask2dit evaluate``; returns the exit code."""
-    from ..cli import check_device, fail
-
     try:
         if check_device(args.device) == "auto":
             args.device = None  # CLIPVideoEncoder's default: cuda if available, else cpu

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, List, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -39,6 +39,23 @@ class FrameEncoder(Protocol):
 
     def encode_frames(self, frames: np.ndarray) -> Any:
         ...
+
+
+# Encoders other packages provide by name (e.g. the Shapes world's exact scorer, "shapes-scorer"): a factory
+# taking no arguments. The provider registers itself; this package never imports it.
+ENCODERS: Dict[str, Callable[[], Any]] = {}
+
+
+def register_encoder(name: str, factory: Callable[[], Any]) -> None:
+    """Make ``factory()`` the encoder called ``name`` (see :func:`registered_encoder`)."""
+    ENCODERS[name] = factory
+
+
+def registered_encoder(name: str) -> Any:
+    """A new encoder of the registered ``name``; a ValueError lists the registered names."""
+    if name not in ENCODERS:
+        raise ValueError(f"No encoder named {name!r} is registered; registered: {sorted(ENCODERS) or 'none'}.")
+    return ENCODERS[name]()
 
 
 def check_encoder(encoder: Any) -> None:

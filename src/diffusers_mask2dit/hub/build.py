@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME  # diffusers' file name
+
 from ..layout import DEFAULT_MASK_VARIANT, check_mask_variant
 from ..paths import UnsafePathError, check_inside, files_under
 from . import cards
@@ -49,7 +51,6 @@ from .convert import (
 
 KINDS = ("auto", "pipeline", "official", "transformer", "lora")
 CARD_CHOICES = ("auto", "mask2dit", "finetune", "lora", "stock")
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PIPELINE_FILE = "pipeline.py"
 CARD_FILE = "README.md"
 _BUNDLE_HEADER = '"""Mask²DiT custom pipeline for diffusers'
@@ -96,14 +97,14 @@ def detect_kind(model: Path) -> str:
     """``pipeline``, ``official``, ``transformer`` or ``lora`` for the folder ``model``."""
     if (model / "model_index.json").is_file():
         return "pipeline"
-    if (model / LORA_WEIGHTS).is_file():
+    if (model / LORA_WEIGHT_NAME).is_file():
         return "lora"
     if all((model / name).is_dir() for name in COMPONENTS):
         return "official"
     if _has_transformer_weights(model) or _has_transformer_weights(model / "transformer"):
         return "transformer"
     raise BuildError(
-        f"Cannot tell what {model} holds: expected model_index.json (a diffusers pipeline), {LORA_WEIGHTS} (a LoRA), "
+        f"Cannot tell what {model} holds: expected model_index.json (a diffusers pipeline), {LORA_WEIGHT_NAME} (a LoRA), "
         f"the folders {list(COMPONENTS)} (the authors' release) or a transformer folder (config.json + weights)."
     )
 
@@ -329,10 +330,10 @@ def _check_inputs(model: Path, kind: str, base: Optional[os.PathLike | str], mas
         config_path = model / "transformer" / "config.json"
     elif kind == "transformer":
         config_path = transformer_dir / "config.json"
-    elif not (model / LORA_WEIGHTS).is_file():
-        raise BuildError(f"{model} has no {LORA_WEIGHTS} (the diffusers LoRA format the trainer writes).")
+    elif not (model / LORA_WEIGHT_NAME).is_file():
+        raise BuildError(f"{model} has no {LORA_WEIGHT_NAME} (the diffusers LoRA format the trainer writes).")
     else:
-        lora_tensors = _check_lora_file(check_inside(model / LORA_WEIGHTS, model, "--model file"))
+        lora_tensors = _check_lora_file(check_inside(model / LORA_WEIGHT_NAME, model, "--model file"))
     if config_path is not None and mask_variant is not None:
         raise BuildError("--mask-variant is for LoRA folders; a transformer's mask is read from its config.json.")
     stock = False
@@ -389,7 +390,7 @@ def _write_weights(model: Path, out: Path, inputs: _Inputs, link: bool, verify: 
         _copy_pipeline(inputs.base_dir, out, link, transformer_from=inputs.transformer_dir)
         _check_transformer_fits(out)
     else:
-        _copy_file(check_inside(model / LORA_WEIGHTS, model, "--model file"), out / LORA_WEIGHTS, link)
+        _copy_file(check_inside(model / LORA_WEIGHT_NAME, model, "--model file"), out / LORA_WEIGHT_NAME, link)
         notes.append(f"LoRA: {inputs.lora_tensors} tensors.")
     return None
 

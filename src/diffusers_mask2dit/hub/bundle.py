@@ -354,8 +354,13 @@ def _rewrite_module(
         if _dunder_all(node):
             edits.append(_Edit(node.lineno, node.end_lineno, 0, []))
 
-    # Apply edits bottom-up; an import statement may share its line with a comment, not with other code.
-    edits.sort(key=lambda e: e.start)
+    return _apply_edits(module, lines, edits), hoisted, internal, docstring
+
+
+def _apply_edits(module: _Module, lines: List[str], edits: List[_Edit]) -> List[str]:
+    """``lines`` with ``edits`` applied bottom-up; an import statement may share its line with a comment, not with
+    other code."""
+    edits = sorted(edits, key=lambda e: e.start)
     for before, after in zip(edits, edits[1:]):
         if after.start <= before.end:
             raise BundleError(f"{module.path}:{after.start}: several statements on one line cannot be bundled.")
@@ -367,7 +372,7 @@ def _rewrite_module(
             )
         pad = " " * edit.col
         lines[edit.start - 1 : edit.end] = [pad + text for text in edit.lines]
-    return lines, hoisted, internal, docstring
+    return lines
 
 
 def _merge_imports(nodes: Iterable[ast.stmt]) -> List[str]:

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _refuse(command: str, error: Exception) -> int:
-    """Bad input (a folder, file or option the command cannot take): one line on stderr, exit code 2, as for every
-    sub-command. Failures of a valid request (an upload that fails) exit with 1 instead."""
-    print(f"mask2dit {command}: error: {' '.join(str(error).split())}", file=sys.stderr)
-    return 2
+from ..cli_utils import fail
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -36,7 +31,7 @@ def _build(args: argparse.Namespace) -> int:
             verify=args.verify,
         )
     except (BuildError, ValueError) as error:
-        return _refuse("hub build", error)
+        return fail("hub build", error)
     print(result.summary())
     return 0
 
@@ -48,7 +43,7 @@ def _push(args: argparse.Namespace) -> int:
         plan = plan_push(args.folder, args.repo, revision=args.revision, private=args.private,
                          commit_message=args.commit_message)
     except PushError as error:
-        return _refuse("hub push", error)
+        return fail("hub push", error)
     print(plan.describe())
     if args.dry_run:
         print("Dry run: nothing was uploaded.")
@@ -56,8 +51,7 @@ def _push(args: argparse.Namespace) -> int:
     try:
         info = push_folder(plan)
     except Exception as error:  # network / auth errors from huggingface_hub; their text holds no token
-        print(f"mask2dit hub push: upload failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return fail("hub push", RuntimeError(f"upload failed: {type(error).__name__}: {error}"), code=1)
     url = getattr(info, "commit_url", None) or getattr(info, "repo_url", None) or ""
     print(f"Uploaded to {plan.repo_id}" + (f": {url}" if url else "."))
     return 0
@@ -69,8 +63,7 @@ def _bundle(args: argparse.Namespace) -> int:
     try:
         bundle = bundle_pipeline()
     except BundleError as error:
-        print(f"mask2dit hub bundle: error: {error}", file=sys.stderr)
-        return 1
+        return fail("hub bundle", error, code=1)
     if args.out == "-":
         sys.stdout.write(bundle.source)
     else:
@@ -85,10 +78,27 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         report = convert_official(args.src, args.out, verify=args.verify, overwrite=args.overwrite, link=args.link)
     except ConversionError as error:
-        return _refuse("convert-official", error)
+        return fail("convert-official", error)
     print(report.summary())
     print(f"Report: {report.output}/mask2dit_conversion.json")
     return 0
+
+
+def _add_push_parser(hub_sub: argparse._SubParsersAction) -> None:
+    push = hub_sub.add_parser(
+        "push",
+        help="Upload a built folder with huggingface_hub (token from `hf auth login`; never printed).",
+    )
+    push.add_argument("--folder", required=True, help="Folder written by `mask2dit hub build`.")
+    push.add_argument(
+        "--repo-id", "--repo", dest="repo", required=True,
+        help="Hub model repo id, owner/name (created if missing); --repo is the same option (older name)",
+    )
+    push.add_argument("--revision", help="Branch to upload to (created from main if missing).")
+    push.add_argument("--private", action="store_true", help="Create the repo as private (an existing repo keeps its visibility).")
+    push.add_argument("--commit-message", help="Commit message.")
+    push.add_argument("--dry-run", action="store_true", help="List what would be uploaded and stop (no network).")
+    push.set_defaults(func=_push)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -127,17 +137,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--overwrite", action="store_true", help="Replace --out if it holds an earlier build.")
     build.set_defaults(func=_build)
 
-    push = hub_sub.add_parser(
-        "push",
-        help="Upload a built folder with huggingface_hub (token from `hf auth login`; never printed).",
-    )
-    push.add_argument("--folder", required=True, help="Folder written by `mask2dit hub build`.")
-    push.add_argument("--repo", required=True, help="Hub model repo id, owner/name (created if missing).")
-    push.add_argument("--revision", help="Branch to upload to (created from main if missing).")
-    push.add_argument("--private", action="store_true", help="Create the repo as private (an existing repo keeps its visibility).")
-    push.add_argument("--commit-message", help="Commit message.")
-    push.add_argument("--dry-run", action="store_true", help="List what would be uploaded and stop (no network).")
-    push.set_defaults(func=_push)
+    _add_push_parser(hub_sub)
 
     bundle = hub_sub.add_parser("bundle", help="Write only the self-contained pipeline.py.")
     bundle.add_argument("--out", default="-", help="Output file (default: standard output).")

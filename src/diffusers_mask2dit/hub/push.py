@@ -71,7 +71,7 @@ def plan_push(
     if not folder.is_dir():
         raise PushError(f"--folder {folder} is not a folder.")
     if not REPO_ID_PATTERN.match(repo_id or ""):
-        raise PushError(f"--repo must be a Hub id `owner/name`, got {repo_id!r}.")
+        raise PushError(f"`--repo-id` must be a Hub id `owner/name`, got {repo_id!r}.")
     if revision is not None and (not revision.strip() or revision != revision.strip()):
         raise PushError(f"--revision must be a branch name without surrounding spaces, got {revision!r}.")
     if not (folder / "README.md").is_file():

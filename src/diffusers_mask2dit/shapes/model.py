@@ -118,9 +118,9 @@ def build_transformer(latent_channels: int, seed: int = 0):
 
 def build_scheduler():
     """CogVideoX-5b's scheduler configuration (the same one the tiny 5b-style models get)."""
-    from ..tiny import _tiny_scheduler
+    from ..tiny import tiny_scheduler
 
-    return _tiny_scheduler("5b")
+    return tiny_scheduler("5b")
 
 
 def save_base_model(out: str, vae_path: str, seed: int = 0) -> str:

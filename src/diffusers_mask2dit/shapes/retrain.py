@@ -138,7 +138,7 @@ class Run:
         if self.in_process:  # the same command without a new interpreter (tests)
             from accelerate.state import AcceleratorState
 
-            from ..cli import main as cli_main
+            from ..training.cli import main as cli_main
 
             try:
                 code = cli_main([command, "--config", config_path])
@@ -176,6 +176,10 @@ def assemble(run: Run, variant: str) -> None:
 
     transformer = Mask2DiTTransformer3DModel.from_pretrained(run.path("train", f"sft-{variant}", "transformer"))
     pipe = Mask2DiTPipeline.from_pretrained(run.path("base"), transformer=transformer)
+    # The folder carries its sampling defaults (generation_defaults.json): `generate --model` uses them too.
+    pipe.generation_defaults = {
+        "num_inference_steps": shapes_model.NUM_INFERENCE_STEPS, "guidance_scale": shapes_model.GUIDANCE_SCALE,
+    }
     staging = run.path(f".tmp-model-{variant}")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)

@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any, Optional
 
+from ..cli_utils import fail
 from .config import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
@@ -44,32 +45,24 @@ def run_train(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         train(config)
     except ValueError as error:
-        print(f"mask2dit train: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return fail("train", error)
     except (NonFiniteLossError, CollectiveTimeoutError, DiskFullError) as error:
-        print(f"mask2dit train: {_one_line(error)}", file=sys.stderr)
-        return 1
+        return fail("train", error, code=1)
     return 0
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def run_precompute(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as error:
-        print(f"mask2dit precompute: {error}", file=sys.stderr)
-        return 2
+        return fail("precompute", error)
     from .precompute import precompute
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     try:
         precompute(config)
     except ValueError as error:
-        print(f"mask2dit precompute: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return fail("precompute", error)
     return 0
 
 

@@ -380,7 +380,8 @@ def _scene_prompts(item: Any, name: str) -> List[str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[Mapping[str, Any]] = None) -> None:
-    """Add ``--config`` and one ``--<option>`` flag per `TrainingConfig` field to ``parser``.
+    """Add ``--config`` and one ``--<option>`` flag per `TrainingConfig` field to ``parser`` (``--cond-prob``, with
+    ``--cond_prob`` as an alias).
 
     Flags not given on the command line are left out of the parsed namespace (``argparse.SUPPRESS``), so
     a config file's values are only overridden by flags the user actually typed. ``defaults`` replaces
@@ -403,7 +404,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[Map
             kwargs["metavar"] = "{true,false}"
         else:
             kwargs["metavar"] = item.name.upper()
-        group.add_argument(f"--{item.name}", **kwargs)
+        # Dashed flags as every other command has them; the underscore spelling stays an alias.
+        flags = [f"--{item.name.replace('_', '-')}"] + ([f"--{item.name}"] if "_" in item.name else [])
+        group.add_argument(*flags, dest=item.name, **kwargs)
     parser.set_defaults(_config_defaults=dict(defaults or {}))
 
 

@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any, Dict, List, Tuple
 
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME  # diffusers' file name
 
 from .config import TrainingConfig
 from .data import EpochShuffleSampler, MultiSceneDataset, VideoSource, collate_scenes, load_training_records
@@ -19,7 +20,6 @@ from .precompute import open_cache
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_FOLDER = "transformer"
 
 

@@ -32,25 +32,12 @@ def run_validation(
         return []
     written: List[str] = []
     if accelerator.is_main_process:
-        from .. import Mask2DiTPipeline
         from ..video_io import contact_sheet, write_video
 
-        import diffusers
-
         model = unwrap(accelerator, transformer)
-        # Sample with the scheduler the model folder ships (what users of the result will use).
-        scheduler_config = diffusers.CogVideoXDDIMScheduler.load_config(config.pretrained_model_name_or_path, subfolder="scheduler")
-        scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), diffusers.CogVideoXDDIMScheduler)
         # Training from a cache keeps no VAE or T5 in memory: load them for the duration of validation only.
         encoders = encoder or load_encoders(config, accelerator.device, weight_dtype)
-        pipe = Mask2DiTPipeline(
-            tokenizer=encoders.tokenizer,
-            text_encoder=encoders.text_encoder,
-            vae=encoders.vae,
-            transformer=model,
-            scheduler=scheduler_class.from_config(scheduler_config),
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _validation_pipeline(config, encoders, model)
         was_training = model.training
         model.eval()
         folder = os.path.join(config.output_dir, "validation", f"step-{step:06d}")
@@ -88,3 +75,23 @@ def run_validation(
         logger.info(f"Validation videos of step {step} written to {folder}")
     accelerator.wait_for_everyone()
     return written
+
+
+def _validation_pipeline(config: TrainingConfig, encoders: SceneEncoder, model: Any):
+    """A pipeline of the model being trained, with the scheduler its folder ships (what users of the result will
+    use); progress bars off."""
+    import diffusers
+
+    from .. import Mask2DiTPipeline
+
+    scheduler_config = diffusers.CogVideoXDDIMScheduler.load_config(config.pretrained_model_name_or_path, subfolder="scheduler")
+    scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), diffusers.CogVideoXDDIMScheduler)
+    pipe = Mask2DiTPipeline(
+        tokenizer=encoders.tokenizer,
+        text_encoder=encoders.text_encoder,
+        vae=encoders.vae,
+        transformer=model,
+        scheduler=scheduler_class.from_config(scheduler_config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
