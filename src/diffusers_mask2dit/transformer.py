@@ -197,12 +197,25 @@ class SceneGate:
     __rmul__ = __mul__
 
 
+def scene_gate(gate: torch.Tensor, lengths: Sequence[int]):
+    """Per-scene gates ``(B, n, C)`` as the object stock blocks multiply token states ``(B, L, C)`` with.
+
+    Eagerly a `SceneGate` (no per-token copy). Inside `torch.compile` a ``(B, L, C)`` tensor of each scene's
+    row expanded over its tokens: dynamo cannot trace `SceneGate`'s operator, and the compiler fuses the
+    expansion into the multiply, so the per-token copy is never stored there either. The same values either way.
+    """
+    if not torch.compiler.is_compiling():
+        return SceneGate(gate, lengths)
+    rows = [gate[:, index : index + 1].expand(-1, length, -1) for index, length in enumerate(lengths)]
+    return torch.cat(rows, dim=1)
+
+
 class SceneLayerNormZero(CogVideoXLayerNormZero):
     """`CogVideoXLayerNormZero` that also takes a `PerSceneEmbedding` as ``temb``.
 
     With a ``(B, D)`` tensor it is the stock module. With per-scene embeddings ``(B, n, D)``, each scene's
     video tokens (of ``hidden_states (B, Lv, C)``) and text tokens (of ``encoder_hidden_states (B, Lt, C)``)
-    get that scene's shift and scale, and the gates come back as `SceneGate` objects. Same parameters and
+    get that scene's shift and scale, and the gates come back from `scene_gate`. Same parameters and
     state-dict keys as the stock module (it is put in place by swapping the class of the existing one).
     """
 
@@ -213,7 +226,7 @@ class SceneLayerNormZero(CogVideoXLayerNormZero):
         video, text = temb.layout.video_lengths, temb.layout.text_lengths
         hidden_states = _per_segment(_scale_shift, self.norm(hidden_states), video, scale, shift)
         encoder_hidden_states = _per_segment(_scale_shift, self.norm(encoder_hidden_states), text, enc_scale, enc_shift)
-        return hidden_states, encoder_hidden_states, SceneGate(gate, video), SceneGate(enc_gate, text)
+        return hidden_states, encoder_hidden_states, scene_gate(gate, video), scene_gate(enc_gate, text)
 
 
 class SceneAdaLayerNorm(AdaLayerNorm):
@@ -340,6 +353,8 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
 
     # How diffusers' context-parallel hooks split and gather the sequence (`parallel.SCENE_CP_PLAN`).
     _cp_plan = SCENE_CP_PLAN
+    # The blocks `compile_repeated_blocks()` compiles once and reuses (regional compilation).
+    _repeated_blocks = ["CogVideoXBlock"]
 
     @register_to_config
     def __init__(
@@ -452,8 +467,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
     # Inputs
 
     def _check_timestep(self, timestep: Any, batch_size: int, device: torch.device) -> torch.Tensor:
-        """``timestep`` as a tensor: ``(B,)`` (or ``(1,)``, broadcast as stock does) or per scene ``(B, n)``;
-        a per-scene timestep whose scenes are all equal becomes per-sample (the stock path, bit-identical)."""
+        """``timestep`` as a tensor: ``(B,)`` (or ``(1,)``, broadcast as stock does) or per scene ``(B, n)``."""
         timestep = torch.as_tensor(timestep, device=device)
         if timestep.dim() == 0:
             timestep = timestep.expand(batch_size)
@@ -659,8 +673,10 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         scene_frames, text_lengths = self._resolve_scenes(
             num_frames, encoder_hidden_states.shape[1], timestep, scene_frames, text_lengths
         )
-        # Equal per-scene timesteps are one per-sample timestep: take the stock path (bit-identical).
-        if timestep.dim() == 2 and bool((timestep == timestep[:, :1]).all()):
+        # One scene's timestep is a per-sample timestep. Decided from the shape only: comparing the values would
+        # sync with the host and break `torch.compile` graphs (per-scene modulation of equal timesteps gives
+        # the same numbers as the per-sample path).
+        if timestep.dim() == 2 and timestep.shape[1] == 1:
             timestep = timestep[:, 0]
 
         # 1. Time embedding: (B, D) or (B, n, D)
