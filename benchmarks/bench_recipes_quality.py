@@ -13,6 +13,10 @@ side by side with the plain pipeline in one run:
     python benchmarks/bench_recipes_quality.py --samples 100 --output benchmarks/results/recipes_quality_cpu.json
     python benchmarks/bench_recipes_quality.py --quick   # 2 samples, 2 recipes: smoke test
 
+On a shared machine the recipes can run as parallel processes, one recipe each (``--recipes int8 --output
+int8.json``; the plain pipeline is then one of them), and ``--combine none.json int8.json ...`` makes the table:
+quality changes stay paired per sample, and the CPU-time ratios are then of processes that ran at the same time.
+
 Nothing is written without ``--output``.
 """
 
@@ -77,6 +81,7 @@ def generate(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:
         seconds += time.process_time() - start
         prompts += batch_prompts
         scenes += ablation._frames(pipe, output.frames, 3)
+        print(f"  {len(scenes)}/{len(samples)} samples", flush=True)
     return {"samples": ablation.score_samples(scenes, prompts), "attention_calls": CountingProcessor.calls, "cpu_seconds": seconds}
 
 
@@ -127,15 +132,19 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="2 samples, the plain pipeline and first-block:0.2")
     parser.add_argument("--output", default=None, help="JSON path (nothing is written without it)")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON", help="make the table of one-recipe runs")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     samples, recipes = (2, ["none", "first-block:0.2"]) if args.quick else (args.samples, args.recipes)
-    recipes = ["none"] + [r for r in recipes if r != "none"]
+    if args.combine:
+        return combine(args.combine, args.output)
+    if len(recipes) > 1:
+        recipes = ["none"] + [r for r in recipes if r != "none"]
     results, rows = {}, {}
     for recipe in recipes:
         results[recipe] = generate(recipe_pipeline(recipe), range(samples), args.batch_size)
-        rows[recipe] = compare(results[recipe], results["none"])
+        rows[recipe] = compare(results[recipe], results.get("none", results[recipe]))
         print(f"{recipe}: {rows[recipe]['prompt_accuracy']['mean']:.1f} / {rows[recipe]['identity_consistency']['mean']:.1f}, "
               f"{rows[recipe]['attention_call_share']:.2f}x attention calls, {rows[recipe]['cpu_time_ratio']:.2f}x CPU time", flush=True)
         if args.output:  # after every recipe: a long run stopped early keeps what it finished
@@ -144,9 +153,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def combine(paths: Sequence[str], output: str) -> int:
+    """The table of one-recipe runs made side by side (their ``results``), against the one of ``none``."""
+    results: Dict[str, Any] = {}
+    for path in paths:
+        with open(path) as handle:
+            results.update(json.load(handle)["results"])
+    if "none" not in results:
+        raise SystemExit("--combine: one of the files must hold the plain pipeline's run (--recipes none)")
+    rows = {name: compare(result, results["none"]) for name, result in results.items()}
+    samples = len(results["none"]["samples"])
+    print(markdown(rows, samples))
+    if output:
+        write_report(output, samples, rows, results)
+    return 0
+
+
 def write_report(path: str, samples: int, rows: Dict[str, Any], results: Dict[str, Any]) -> None:
     report = {"samples": samples, "rows": rows, "table": markdown(rows, samples), "machine": machine_info(torch.device("cpu")),
-              "command": " ".join(sys.argv), "per_sample": {k: v["samples"] for k, v in results.items()}}
+              "command": " ".join(sys.argv), "results": results}
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
         json.dump(report, handle, indent=1, default=float)
