@@ -57,8 +57,11 @@ def make_calls(size: str, device: torch.device, dtype: torch.dtype) -> Dict[str,
             kwargs = {"scene_frames": frames} if name == "mask2dit" else {}
             if mode == "full":
                 model.compile(fullgraph=True)
-            elif mode == "blocks":
+            elif mode == "blocks" and model._repeated_blocks:
                 model.compile_repeated_blocks(fullgraph=True)
+            elif mode == "blocks":  # stock CogVideoX declares no `_repeated_blocks`: the same, block by block
+                for block in model.transformer_blocks:
+                    block.compile(fullgraph=True)
 
             def step(model=model, latents=latents, text=text, timestep=timestep, rope=rope, kwargs=kwargs):
                 with torch.no_grad():
