@@ -53,7 +53,9 @@ def test_equal_scene_timesteps_equal_per_sample_timestep(style):
     with torch.no_grad():
         per_sample = ours(x, text, torch.tensor([300, 300]), scene_frames=[2, 3]).sample
         per_scene = ours(x, text, torch.tensor([[300, 300], [300, 300]]), scene_frames=[2, 3]).sample
-    torch.testing.assert_close(per_scene, per_sample, atol=0, rtol=0)
+    # the same numbers up to float rounding: whether the scenes' timesteps are equal is not looked at (that would
+    # sync with the host and break compiled graphs); the pipeline passes per-sample timesteps when they are
+    torch.testing.assert_close(per_scene, per_sample, atol=1e-6, rtol=0)
 
 
 def test_isolated_scenes_equal_separate_runs_at_their_positions():

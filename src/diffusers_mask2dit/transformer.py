@@ -18,14 +18,13 @@ block during the backward pass, long after the forward has returned):
 
 - ``temb``: a `PerSceneEmbedding` (the ``(B, n, D)`` embeddings and the scene layout) in place of the
   ``(B, D)`` tensor when scenes have their own timesteps. Stock blocks hand ``temb`` unchanged to
-  ``norm1``/``norm2``; those are `SceneLayerNormZero` here (the same modules, class swapped in place);
+  ``norm1``/``norm2``; those are `scene_norms.SceneLayerNormZero` (the same modules, class swapped in place);
 - ``attention_kwargs``: ``scene_layout`` and ``scene_options``, which stock `Attention` passes on to
   `Mask2DiTAttnProcessor`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -47,6 +46,14 @@ from .layout import (
     scene_rotary_emb,
 )
 from .parallel import SCENE_CP_PLAN, SequenceShard, check_same_inputs, resolve_parallel_config, sequence_shard
+from .scene_norms import (  # noqa: F401  (SceneGate, scene_gate: importable from here as before)
+    PerSceneEmbedding,
+    SceneAdaLayerNorm,
+    SceneGate,
+    SceneLayerNormZero,
+    make_scene_aware,
+    scene_gate,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Attention processors
@@ -135,123 +142,6 @@ _DEFAULT_OPTIONS = SceneAttentionOptions()
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-scene adaptive LayerNorm modulation
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PerSceneEmbedding:
-    """Each scene's time embedding, with the scene layout that says which tokens are whose.
-
-    The transformer passes it as the blocks' ``temb`` (in place of the ``(B, D)`` tensor) when scenes have
-    their own timesteps. It travels with the block's arguments, so gradient checkpointing, hooks and threads
-    all see the embedding that belongs to the call.
-
-    Attributes:
-        emb: ``(B, n, D)``: one embedding per sample and scene.
-        layout: text and video tokens per scene (under context parallelism, of this rank's slice of the
-            sequence: a `parallel.ShardSegments`).
-    """
-
-    emb: torch.Tensor
-    layout: SceneLayout
-
-    def to(self, *args, **kwargs) -> "PerSceneEmbedding":
-        # Hooks that move a block's inputs to its device (group offloading, accelerate's) call `.to`.
-        return dataclasses.replace(self, emb=self.emb.to(*args, **kwargs))
-
-
-def _per_segment(fn, x: torch.Tensor, lengths: Sequence[int], *params: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn(x_segment, *params_of_segment)`` per scene segment along dim 1 of ``x (B, L, C)``.
-
-    Per-sample parameters ``(B, 1, C)`` broadcast over all tokens in one call (the stock path); per-scene
-    parameters ``(B, n, C)`` are applied segment by segment, so no per-token copy of them is made.
-    """
-    if params[0].shape[1] == 1:
-        return fn(x, *params)
-    pieces = []
-    start = 0
-    for index, length in enumerate(lengths):
-        pieces.append(fn(x[:, start : start + length], *(p[:, index : index + 1] for p in params)))
-        start += length
-    return torch.cat(pieces, dim=1)
-
-
-def _scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def _gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return gate * x
-
-
-class SceneGate:
-    """Per-scene gates ``(B, n, C)`` that multiply token states ``(B, L, C)`` scene by scene.
-
-    Stock `CogVideoXBlock.forward` computes ``gate * states``. A per-token copy of the gates would be as
-    large as the states, and autograd would keep it for the backward pass in every block; this object
-    applies each scene's ``(B, 1, C)`` row to that scene's segment instead.
-    """
-
-    __slots__ = ("gate", "lengths")
-
-    def __init__(self, gate: torch.Tensor, lengths: Sequence[int]):
-        self.gate = gate
-        self.lengths = lengths
-
-    def __mul__(self, states: torch.Tensor) -> torch.Tensor:
-        return _per_segment(_gate, states, self.lengths, self.gate)
-
-    __rmul__ = __mul__
-
-
-class SceneLayerNormZero(CogVideoXLayerNormZero):
-    """`CogVideoXLayerNormZero` that also takes a `PerSceneEmbedding` as ``temb``.
-
-    With a ``(B, D)`` tensor it is the stock module. With per-scene embeddings ``(B, n, D)``, each scene's
-    video tokens (of ``hidden_states (B, Lv, C)``) and text tokens (of ``encoder_hidden_states (B, Lt, C)``)
-    get that scene's shift and scale, and the gates come back as `SceneGate` objects. Same parameters and
-    state-dict keys as the stock module (it is put in place by swapping the class of the existing one).
-    """
-
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb):
-        if not isinstance(temb, PerSceneEmbedding):
-            return super().forward(hidden_states, encoder_hidden_states, temb)
-        shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb.emb)).chunk(6, dim=-1)
-        video, text = temb.layout.video_lengths, temb.layout.text_lengths
-        hidden_states = _per_segment(_scale_shift, self.norm(hidden_states), video, scale, shift)
-        encoder_hidden_states = _per_segment(_scale_shift, self.norm(encoder_hidden_states), text, enc_scale, enc_shift)
-        return hidden_states, encoder_hidden_states, SceneGate(gate, video), SceneGate(enc_gate, text)
-
-
-class SceneAdaLayerNorm(AdaLayerNorm):
-    """The final `AdaLayerNorm` (``chunk_dim=1``) that also takes a `PerSceneEmbedding` as ``temb``.
-
-    ``x (B, Lv, C)`` in and out; each scene's video tokens get that scene's shift and scale. With a
-    ``(B, D)`` tensor it is the stock module; same parameters and state-dict keys.
-    """
-
-    def forward(self, x: torch.Tensor, timestep: Optional[torch.Tensor] = None, temb=None) -> torch.Tensor:
-        if not isinstance(temb, PerSceneEmbedding):
-            return super().forward(x, timestep, temb)
-        shift, scale = self.linear(self.silu(temb.emb)).chunk(2, dim=-1)
-        return _per_segment(_scale_shift, self.norm(x), temb.layout.video_lengths, scale, shift)
-
-
-def _make_scene_aware(module: torch.nn.Module, stock_class: type, scene_class: type, name: str) -> None:
-    """Turn the stock norm ``module`` into ``scene_class`` in place.
-
-    Swapping the class keeps the very same object: its parameters, device, dtype, state-dict keys, LoRA
-    target names and any hooks already attached stay as they are. The subclasses add behaviour only.
-    """
-    if isinstance(module, scene_class):
-        return
-    if type(module) is not stock_class:
-        raise ValueError(f"`{name}` must be a {stock_class.__name__} to be made scene-aware, got {type(module).__name__}.")
-    module.__class__ = scene_class
-
-
-# --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
 
@@ -278,6 +168,8 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
 
     # How diffusers' context-parallel hooks split and gather the sequence (`parallel.SCENE_CP_PLAN`).
     _cp_plan = SCENE_CP_PLAN
+    # The blocks `compile_repeated_blocks()` compiles once and reuses (regional compilation).
+    _repeated_blocks = ["CogVideoXBlock"]
 
     @register_to_config
     def __init__(
@@ -349,9 +241,9 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         variant = check_mask_variant(variant, "attn_mask_variant")
         self.register_to_config(attn_mask_variant=variant)
         for index, block in enumerate(self.transformer_blocks):
-            _make_scene_aware(block.norm1, CogVideoXLayerNormZero, SceneLayerNormZero, f"transformer_blocks.{index}.norm1")
-            _make_scene_aware(block.norm2, CogVideoXLayerNormZero, SceneLayerNormZero, f"transformer_blocks.{index}.norm2")
-        _make_scene_aware(self.norm_out, AdaLayerNorm, SceneAdaLayerNorm, "norm_out")
+            make_scene_aware(block.norm1, CogVideoXLayerNormZero, SceneLayerNormZero, f"transformer_blocks.{index}.norm1")
+            make_scene_aware(block.norm2, CogVideoXLayerNormZero, SceneLayerNormZero, f"transformer_blocks.{index}.norm2")
+        make_scene_aware(self.norm_out, AdaLayerNorm, SceneAdaLayerNorm, "norm_out")
         self.set_attn_processor(Mask2DiTAttnProcessor())
 
     def _resolve_parallel_config(self, config):
@@ -390,8 +282,7 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
     # Inputs
 
     def _check_timestep(self, timestep: Any, batch_size: int, device: torch.device) -> torch.Tensor:
-        """``timestep`` as a tensor: ``(B,)`` (or ``(1,)``, broadcast as stock does) or per scene ``(B, n)``;
-        a per-scene timestep whose scenes are all equal becomes per-sample (the stock path, bit-identical)."""
+        """``timestep`` as a tensor: ``(B,)`` (or ``(1,)``, broadcast as stock does) or per scene ``(B, n)``."""
         timestep = torch.as_tensor(timestep, device=device)
         if timestep.dim() == 0:
             timestep = timestep.expand(batch_size)
@@ -597,8 +488,10 @@ class Mask2DiTTransformer3DModel(CogVideoXTransformer3DModel):
         scene_frames, text_lengths = self._resolve_scenes(
             num_frames, encoder_hidden_states.shape[1], timestep, scene_frames, text_lengths
         )
-        # Equal per-scene timesteps are one per-sample timestep: take the stock path (bit-identical).
-        if timestep.dim() == 2 and bool((timestep == timestep[:, :1]).all()):
+        # One scene's timestep is a per-sample timestep. Decided from the shape only: comparing the values would
+        # sync with the host and break `torch.compile` graphs (per-scene modulation of equal timesteps gives
+        # the same numbers as the per-sample path).
+        if timestep.dim() == 2 and timestep.shape[1] == 1:
             timestep = timestep[:, 0]
 
         # 1. Time embedding: (B, D) or (B, n, D)
