@@ -230,3 +230,21 @@ def build_space(model: str, out: os.PathLike | str, *, model_repo_id: Optional[s
         notes.append("no --model-repo-id: the Space card lists no `models:` entry.")
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     return SpaceResult(out=out, config=config, hardware=hardware, files=files, notes=notes)
+
+
+def serve_demo(pipe, folder: Optional[os.PathLike | str] = None, output_root: Optional[os.PathLike | str] = None, examples: Optional[List[str]] = None,
+               steps: Optional[int] = None, guidance: Optional[float] = None, **launch_kwargs: Any) -> int:
+    """Serve the Space's page for a pipeline loaded here (``mask2dit demo --web``): settings from ``folder`` (default:
+    the folder the pipeline was loaded from; its prompt vocabulary and defaults) and the arguments; binds 127.0.0.1 unless ``GRADIO_SERVER_NAME`` or
+    ``server_name`` says otherwise. Blocks until the server stops; returns 0."""
+    from .space_app import SceneMaker, build_demo, launch
+
+    folder = folder or pipe.config.get("_name_or_path")
+    folder = folder if folder and Path(folder).is_dir() else None
+    config = dict(DEFAULT_CONFIG, model=str(folder or "the demo pipeline"), title="Mask²DiT demo", output_ttl_s=None)
+    if folder is not None:
+        config.update(folder_settings(Path(folder)))
+    overrides = {"examples": list(examples or []) or None, "num_inference_steps": steps, "guidance_scale": guidance}
+    config.update({key: value for key, value in overrides.items() if value is not None})
+    launch(build_demo(SceneMaker(pipe, config, output_root)), **launch_kwargs)
+    return 0

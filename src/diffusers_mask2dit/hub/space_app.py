@@ -46,7 +46,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "examples": [],
     "dtype": "auto",  # auto: bfloat16 on CUDA, float32 on CPU
     "gpu_duration": 120,  # seconds a ZeroGPU call may hold the GPU
-    "output_ttl_s": 3600,  # job folders older than this are deleted
+    "output_ttl_s": 3600,  # job folders older than this are deleted (None: kept)
 }
 
 
@@ -140,11 +140,11 @@ def contact_sheet(scenes: Sequence[np.ndarray], labels: Sequence[str], columns: 
 
     height, width = scenes[0].shape[1:3]
     scale = max(1, -(-96 // height))
-    cell_h, cell_w, label_h, pad = height * scale, width * scale, 16, 4
-    sheet = Image.new("RGB", (pad + columns * (cell_w + pad), len(scenes) * (label_h + cell_h + pad) + pad), "white")
+    cell_h, cell_w, label_h, pad, head = height * scale, width * scale, 16, 4, 28  # head: room for the page's label
+    sheet = Image.new("RGB", (pad + columns * (cell_w + pad), head + len(scenes) * (label_h + cell_h + pad)), "white")
     draw = ImageDraw.Draw(sheet)
     for row, (frames, label) in enumerate(zip(scenes, labels)):
-        top = pad + row * (label_h + cell_h + pad)
+        top = head + row * (label_h + cell_h + pad)
         draw.text((pad, top + 2), label, fill="black")
         picks = np.linspace(0, len(frames) - 1, num=min(columns, len(frames))).round().astype(int)
         for column, index in enumerate(picks):
@@ -277,7 +277,8 @@ class SceneMaker:
 
     def write(self, film: Film) -> Film:
         """Write the film's files into a new job folder: scenes already written are copied byte for byte."""
-        prune_outputs(self.output_root, self.config["output_ttl_s"])
+        if self.config["output_ttl_s"] is not None:
+            prune_outputs(self.output_root, self.config["output_ttl_s"])
         job = self.output_root / f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         job.mkdir()
         fps = self.config["fps"]
@@ -386,9 +387,9 @@ def _settings(gr, config: Dict[str, Any]) -> list:
 
 
 def _outputs(gr) -> list:
-    video = gr.Video(label="Whole film", elem_id="film-video", autoplay=True, loop=True)
+    video = gr.Video(label="Whole film", elem_id="film-video", autoplay=True, loop=True, height=360)
     sheet = gr.Image(label="Contact sheet", type="filepath", elem_id="contact-sheet")
-    gallery = gr.Gallery(label="Scenes", columns=3, elem_id="scene-videos")
+    gallery = gr.Gallery(label="Scenes", columns=3, height=240, elem_id="scene-videos")
     files = gr.File(label="Download (mp4, contact sheet)", file_count="multiple", elem_id="downloads")
     note = gr.Textbox(label="Result", interactive=False, elem_id="result-note")
     return [video, gallery, sheet, files, note]
@@ -404,7 +405,7 @@ def build_demo(maker: SceneMaker):
     @gpu
     def generate(progress=gr.Progress(track_tqdm=True), *values):
         count, mask, seed, steps, guidance, *rows = values
-        prompts = list(rows[: int(count)])
+        prompts = list(rows[: int(count)]) + [""] * max(0, int(count) - len(rows))  # too many: check_prompts says so
         return _readable(lambda: maker.generate(prompts, mask, resolve_seed(seed), steps, guidance))
 
     @gpu
@@ -413,7 +414,8 @@ def build_demo(maker: SceneMaker):
             raise gr.Error("Generate a film first: extension continues the last result.", print_exception=False)
         return _readable(lambda: maker.extend(film, prompt, mask, resolve_seed(seed), steps, guidance))
 
-    with gr.Blocks(title=config["title"], delete_cache=(600, config["output_ttl_s"])) as demo:
+    ttl = config["output_ttl_s"]
+    with gr.Blocks(title=config["title"], delete_cache=(600, ttl) if ttl is not None else None) as demo:
         gr.Markdown(f"# {config['title']}\n\n{config['description']}")
         film = gr.State(None)
         with gr.Row():
