@@ -53,7 +53,8 @@ class SpaceResult:
     notes: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"Wrote a Gradio Space for {self.config['model']} in {self.out} (suggested hardware: {self.hardware}).",
+        model = self.config["model"] + (" (bundled in the Space)" if self.config["model"] == BUNDLED_MODEL else "")
+        lines = [f"Wrote a Gradio Space for {model} in {self.out} (suggested hardware: {self.hardware}).",
                  f"  files: {', '.join(self.files[:8])}" + (" ..." if len(self.files) > 8 else "")]
         lines += [f"  note: {note}" for note in self.notes]
         lines.append(f"Run it here: cd {self.out} && python app.py   (http://127.0.0.1:7860)")
