@@ -113,6 +113,27 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_space(hub_sub: argparse._SubParsersAction) -> None:
+    space = hub_sub.add_parser(
+        "space",
+        help="Write a Hugging Face Space folder (Gradio app.py, requirements.txt, README front matter) for a model.",
+        description="The app runs without this package: it loads the model's bundled pipeline.py as a diffusers "
+        "custom pipeline. Run it locally with `python app.py` (127.0.0.1:7860).",
+    )
+    space.add_argument("--model", required=True, help="A folder built by `mask2dit hub build`, or a Hub model id.")
+    space.add_argument("--out", required=True, help="Space folder to write (new or empty).")
+    space.add_argument("--model-repo-id", help="Hub id of the model: the Space loads it from there and lists it "
+                       "under `models:` (default for a local folder: bundle it into the Space).")
+    space.add_argument("--bundle-model", action="store_true", help="Copy the model folder into the Space (model/).")
+    space.add_argument("--title", help="Title of the Space and the page.")
+    space.add_argument("--hardware", help="suggested_hardware (default: cpu-basic for small models, else zero-a10g).")
+    space.add_argument("--steps", type=int, help="Default denoising steps (default: the model folder's, else 50).")
+    space.add_argument("--guidance", type=float, help="Default guidance scale (default: the model folder's, else 6.0).")
+    space.add_argument("--max-scenes", type=int, help="Most scenes a user may ask for (default: 6).")
+    space.add_argument("--overwrite", action="store_true", help="Replace --out if it holds an earlier Space.")
+    space.set_defaults(func=_space)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     from .build import CARD_CHOICES, KINDS
     from .convert import VERIFY_MODES
@@ -164,24 +185,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("--dry-run", action="store_true", help="List what would be uploaded and stop (no network).")
     push.set_defaults(func=_push)
 
-    space = hub_sub.add_parser(
-        "space",
-        help="Write a Hugging Face Space folder (Gradio app.py, requirements.txt, README front matter) for a model.",
-        description="The app runs without this package: it loads the model's bundled pipeline.py as a diffusers "
-        "custom pipeline. Run it locally with `python app.py` (127.0.0.1:7860).",
-    )
-    space.add_argument("--model", required=True, help="A folder built by `mask2dit hub build`, or a Hub model id.")
-    space.add_argument("--out", required=True, help="Space folder to write (new or empty).")
-    space.add_argument("--model-repo-id", help="Hub id of the model: the Space loads it from there and lists it "
-                       "under `models:` (default for a local folder: bundle it into the Space).")
-    space.add_argument("--bundle-model", action="store_true", help="Copy the model folder into the Space (model/).")
-    space.add_argument("--title", help="Title of the Space and the page.")
-    space.add_argument("--hardware", help="suggested_hardware (default: cpu-basic for small models, else zero-a10g).")
-    space.add_argument("--steps", type=int, help="Default denoising steps (default: the model folder's, else 50).")
-    space.add_argument("--guidance", type=float, help="Default guidance scale (default: the model folder's, else 6.0).")
-    space.add_argument("--max-scenes", type=int, help="Most scenes a user may ask for (default: 6).")
-    space.add_argument("--overwrite", action="store_true", help="Replace --out if it holds an earlier Space.")
-    space.set_defaults(func=_space)
+    _register_space(hub_sub)
 
     bundle = hub_sub.add_parser("bundle", help="Write only the self-contained pipeline.py.")
     bundle.add_argument("--out", default="-", help="Output file (default: standard output).")

@@ -156,6 +156,8 @@ def _space_config(source: Dict[str, Any], overrides: Dict[str, Any], title: Opti
         raise SpaceError(f"--max-scenes must be 1 to 16, got {config['max_scenes']}.")
     if int(config.get("num_inference_steps", 1)) < 1:
         raise SpaceError(f"--steps must be at least 1, got {config['num_inference_steps']}.")
+    if float(config.get("guidance_scale", 0)) < 0:
+        raise SpaceError(f"--guidance must be >= 0 (<= 1 turns guidance off), got {config['guidance_scale']}.")
     if not config.get("examples") and not config.get("vocabulary"):
         config["examples"] = list(EXAMPLE_PROMPTS)
     return config
