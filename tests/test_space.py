@@ -206,6 +206,33 @@ def test_launch_binds_localhost_unless_told(monkeypatch):
         "server_name": "0.0.0.0", "server_port": 7999}
 
 
+def test_demo_web_serves_the_shapes_model_with_its_defaults(tmp_path, monkeypatch):
+    """`mask2dit demo --web`: the page for the shipped model, its steps / guidance / vocabulary, jobs kept in --out."""
+    pytest.importorskip("gradio")
+    from diffusers_mask2dit.cli import main
+
+    served = {}
+    monkeypatch.setattr(space_app, "build_demo", lambda maker: served.update(maker=maker) or "the page")
+    monkeypatch.setattr(space_app, "launch", lambda demo, **kwargs: served.update(demo=demo, **kwargs))
+    assert main(["demo", "--web", "--out", str(tmp_path / "web")]) == 0
+    config = served["maker"].config
+    assert (config["num_inference_steps"], config["guidance_scale"]) == (20, 3.0)  # the Shapes model's, not 50 / 6
+    assert config["vocabulary"]["slots"]["colour"] == ["red", "green", "blue", "yellow"] and config["output_ttl_s"] is None
+    assert served["maker"].output_root == tmp_path / "web" and served["demo"] == "the page"
+    assert type(served["maker"].pipe).__name__ == "Mask2DiTPipeline"
+
+
+def test_zerogpu_decorator_only_with_spaces(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not installed
+    assert space_app.gpu_decorator(60)(len) is len
+    calls = []
+    fake = types.SimpleNamespace(GPU=lambda duration: calls.append(duration) or (lambda function: ("on GPU", function)))
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    assert space_app.gpu_decorator(90)(len) == ("on GPU", len) and calls == [90]
+
+
 def test_old_outputs_are_deleted(tmp_path):
     old, new = tmp_path / "job-old", tmp_path / "job-new"
     old.mkdir(), new.mkdir()
