@@ -319,6 +319,14 @@ def test_browser_generates_and_shows_errors(space):
             box = driver.find_element(By.CSS_SELECTOR, f"#scene-prompt-{index} textarea")
             box.clear()
             box.send_keys(prompt)
+        # A 4th row, filled by the prompt builder (its first choices), then removed again.
+        driver.find_element(By.CSS_SELECTOR, "#add-scene").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#scene-prompt-4 textarea"))
+        driver.find_element(By.CSS_SELECTOR, "#use-built-prompt").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, "#scene-prompt-4 textarea")
+                                        .get_attribute("value") == "a red circle moves left")
+        driver.find_element(By.CSS_SELECTOR, "#remove-scene").click()
+        WebDriverWait(driver, 30).until(lambda d: not any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "#scene-prompt-4 textarea")))
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         video = WebDriverWait(driver, 300).until(lambda d: d.execute_script(
             "const v = document.querySelector('#film-video video');"
