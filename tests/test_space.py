@@ -292,6 +292,22 @@ def test_client_errors_are_messages(space):
             client.predict(count, "v2", 0, 2, 3.0, *prompts, *[""] * (6 - len(prompts)), api_name="/generate")
 
 
+def test_concurrent_users_queue(space):
+    """Two users at once: the second job waits in the queue while the first runs (one job at a time)."""
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    jobs = [Client(space[0], verbose=False).submit(1, "v2", seed, 2, 3.0, PROMPTS[seed], *[""] * 5, api_name="/generate")
+            for seed in range(2)]
+    codes, deadline = set(), time.time() + 300
+    while not all(job.done() for job in jobs):
+        assert time.time() < deadline, "the jobs did not finish in time"
+        codes.update(job.status().code for job in jobs)
+        time.sleep(0.05)
+    assert Status.IN_QUEUE in codes
+    assert [job.result()[4].split(" · ")[:2] for job in jobs] == [["Seed 0", "1 scene"], ["Seed 1", "1 scene"]]
+
+
 def _browser():
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
     from selenium.webdriver.chrome.service import Service

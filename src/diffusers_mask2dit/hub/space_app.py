@@ -316,7 +316,8 @@ def gpu_decorator(duration: int) -> Callable[[Callable], Callable]:
 def film_outputs(film: Film) -> tuple:
     """What the page shows for ``film``: whole video, scene gallery, contact sheet, downloads, note, state."""
     gallery = [(path, f"Scene {index + 1}: {prompt}") for index, (path, prompt) in enumerate(zip(film.scene_files, film.prompts))]
-    note = f"Seed {film.seed} · {len(film.prompts)} scenes · {sum(film.pixel_frames)} frames"
+    scenes = len(film.prompts)
+    note = f"Seed {film.seed} · {scenes} scene{'s' * (scenes != 1)} · {sum(film.pixel_frames)} frames"
     return film.video_file, gallery, film.sheet_file, [film.video_file, *film.scene_files, film.sheet_file], note, film
 
 
