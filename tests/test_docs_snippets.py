@@ -132,6 +132,8 @@ def hub_models(tmp_path_factory):
         "mask2dit": build_hub_folder(official, root / "hub-mask2dit", repo_id="your-name/mask2dit-cogvideox-5b", verify="files"),
         "lora": build_hub_folder(lora, root / "hub-lora", repo_id="your-name/mask2dit-lora", base_model="THUDM/CogVideoX-5b"),
         "finetune": build_hub_folder(plain, root / "hub-finetune", repo_id="your-name/mask2dit-finetune", base_model="THUDM/CogVideoX-5b"),
+        "scratch": build_hub_folder(plain, root / "hub-scratch", repo_id="your-name/mask2dit-scratch", card="scratch",
+                                    license="apache-2.0"),
     }
     ids = {
         "qth/Mask2DiT": official,
@@ -147,6 +149,7 @@ DOCUMENTS = {
     "hub_cards/mask2dit-cogvideox-5b.md": ("built", "mask2dit"),
     "hub_cards/lora-template.md[lora]": ("built", "lora"),
     "hub_cards/lora-template.md[full]": ("built", "finetune"),
+    "hub_cards/scratch-template.md": ("built", "scratch"),
     "docs/publishing.md": ("file", "docs/publishing.md"),
     "README.md": ("file", "README.md"),
 }

@@ -35,6 +35,7 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAM
 
 from ..layout import DEFAULT_MASK_VARIANT, check_mask_variant
 from ..paths import UnsafePathError, check_inside, files_under
+from ..release_loading import GENERATION_DEFAULTS_FILE
 from . import cards
 from .bundle import bundle_pipeline
 from .convert import (
@@ -50,10 +51,17 @@ from .convert import (
 )
 
 KINDS = ("auto", "pipeline", "official", "transformer", "lora")
-CARD_CHOICES = ("auto", "mask2dit", "finetune", "lora", "stock")
+CARD_CHOICES = ("auto", "mask2dit", "finetune", "lora", "stock", "scratch")
 PIPELINE_FILE = "pipeline.py"
 CARD_FILE = "README.md"
 _BUNDLE_HEADER = '"""Mask²DiT custom pipeline for diffusers'
+
+# What a model folder may say about itself beside model_index.json, copied into the Hub folder as is: the prompt
+# vocabulary of a closed-vocabulary model ({"template": "a {colour} ...", "slots": {"colour": [...], ...},
+# "examples": [...]}, read by the Space app) and generation defaults (issue 21 makes folders carry them).
+VOCABULARY_FILE = "prompt_vocabulary.json"
+DEFAULTS_FILES = (GENERATION_DEFAULTS_FILE,)  # the sampling defaults a folder carries (release_loading)
+FOLDER_EXTRAS = (VOCABULARY_FILE,) + DEFAULTS_FILES
 
 TRAINING_FILES = ("training_config.json", "training_config.yaml", "training_config.yml", "mask2dit_training.json")
 
@@ -248,6 +256,9 @@ def _copy_pipeline(model: Path, out: Path, link: bool, transformer_from: Optiona
             raise BuildError(f"{model}/model_index.json lists `{name}` but {src} is not a folder.")
         _copy_tree(src, out / name, link, root=src if own else model)
     _write_json(out / "model_index.json", _normalised_index(index, model))
+    for name in FOLDER_EXTRAS:
+        if (model / name).is_file():
+            _copy_file(check_inside(model / name, model, "--model file"), out / name, False)
     config_path = out / "transformer" / "config.json"
     config, notes = normalise_transformer_config(_read_json(config_path))
     config_path.unlink()  # may be a hard link to the source: never write through it
@@ -366,6 +377,8 @@ def _choose_card(card: str, inputs: _Inputs, model: Path) -> Tuple[str, str]:
         card_kind = "lora"
     elif card == "stock" or (card == "auto" and inputs.stock):
         card_kind = "stock"
+    elif card == "scratch":
+        card_kind = "scratch"
     else:
         card_kind = "full"
     if card == "auto":
@@ -395,6 +408,15 @@ def _write_weights(model: Path, out: Path, inputs: _Inputs, link: bool, verify: 
     return None
 
 
+def _read_about(about: Optional[os.PathLike | str]) -> str:
+    if about is None:
+        return ""
+    path = Path(about)
+    if not path.is_file():
+        raise BuildError(f"--about {path} is not a file (expected Markdown on the model and its measured results).")
+    return path.read_text(encoding="utf-8")
+
+
 def check_repo_id(repo_id: str, flag: str = "--repo-id") -> str:
     """``repo_id`` when it is a Hub id ``owner/name`` (the check ``mask2dit hub push`` makes)."""
     from .push import REPO_ID_PATTERN
@@ -422,6 +444,7 @@ def build_hub_folder(
     overwrite: bool = False,
     link: bool = False,
     verify: str = "load",
+    about: Optional[os.PathLike | str] = None,
 ) -> BuildResult:
     """Write a Hub-ready folder to ``out`` from ``model`` (see the module doc for the kinds).
 
@@ -435,6 +458,7 @@ def build_hub_folder(
             the package default, which the card then marks as assumed). Pipelines take it from their config.
         link: hard-link weight files instead of copying them when possible.
         verify: for ``kind="official"``, how to verify the conversion (``load``, ``files``, ``none``).
+        about: ``--card scratch``: a Markdown file on what the model is and how it measured, put into the card.
     """
     model, out = Path(model).resolve(), Path(out).resolve()
     if not model.is_dir():
@@ -455,6 +479,8 @@ def build_hub_folder(
     except UnsafePathError as error:
         raise BuildError(str(error)) from None
     card, card_kind = _choose_card(card, inputs, model)
+    if about is not None and card_kind != "scratch":
+        raise BuildError("--about is for --card scratch (a model trained from scratch); other cards describe their base model.")
     if card == "stock" and inputs.stock:
         notes.append("card: stock (no scene mask or training options recorded: unmodified CogVideoX weights); "
                      "pass --card finetune for a fine-tune made with other tools.")
@@ -462,7 +488,7 @@ def build_hub_folder(
         text = cards.model_card(
             card, repo_id=repo_id, base_model=base_model, kind=card_kind, mask_variant=inputs.mask_variant,
             mask_variant_known=inputs.mask_variant_known, training=training, license=license,
-            license_name=license_name, license_link=license_link, title=title,
+            license_name=license_name, license_link=license_link, title=title, about=_read_about(about),
         )
     except cards.CardError as error:
         raise BuildError(str(error)) from None

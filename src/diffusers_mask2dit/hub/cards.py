@@ -21,9 +21,10 @@ CARD_FILES = {
     "lora": "lora-template.md",  # LoRA adapters and full fine-tunes made with `mask2dit train`
     "finetune": "lora-template.md",
     "stock": "lora-template.md",  # unmodified CogVideoX weights published with the Mask²DiT pipeline
+    "scratch": "scratch-template.md",  # a model trained from scratch (e.g. the Shapes model): no base model
 }
 # Kinds of weights a card describes (the template's sections follow from them).
-CARD_KINDS = ("lora", "full", "stock")
+CARD_KINDS = ("lora", "full", "stock", "scratch")
 TEMPLATE_SECTIONS = ("hub", "local", "lora", "full", "finetune", "stock")
 
 # Training options that are safe and useful to publish (never local paths).
@@ -280,6 +281,7 @@ def model_card(
     license_link: Optional[str] = None,
     title: Optional[str] = None,
     weights_path: Optional[str] = None,
+    about: str = "",
 ) -> str:
     """Render a model card: the one writer of cards, for ``mask2dit hub build`` and for the trainer.
 
@@ -295,6 +297,7 @@ def model_card(
         mask_variant_known: False when ``mask_variant`` is only the default (the card then says so).
         training: publishable training options (see :data:`TRAINING_KEYS`).
         weights_path: local cards only: the folder that holds the trained weights.
+        about: ``scratch`` cards: Markdown on what the model is and how it measured (e.g. its results table).
 
     Raises:
         CardError: a missing or local ``base_model`` on a Hub card, an unknown licence, an unfilled template.
@@ -320,7 +323,7 @@ def model_card(
         if not base_model:
             raise CardError(
                 "The card needs --base-model: the Hub id of the model these weights were trained from "
-                "(e.g. THUDM/CogVideoX-5b)."
+                "(e.g. THUDM/CogVideoX-5b); for a model trained from scratch pass --card scratch."
             )
         if not local and is_local_path(base_model):
             raise CardError(f"--base-model must be a Hub id (owner/name), not a local path: {base_model!r}.")
@@ -337,10 +340,33 @@ def model_card(
         if kind == "stock":
             details = "- None: these are the base model's weights as it was released; diffusers-mask2dit did not train them."
         values.update(title=title or (default_title if local else repo_id.split("/")[-1]), training_details=details)
+    if kind == "scratch":
+        if base_model:
+            raise CardError(f"--card scratch describes a model trained from scratch: it has no --base-model ({base_model!r}).")
+        values.update(_scratch_values(repo_id, license, license_name, license_link, title, training, about))
     text = _drop_empty_front_matter_lines(render(template, values, sections))
     if not local:
         front_matter(text)
     return text
+
+
+def _scratch_values(repo_id: Optional[str], license: Optional[str], license_name: Optional[str],
+                    license_link: Optional[str], title: Optional[str], training: Optional[Mapping[str, Any]],
+                    about: str) -> Dict[str, str]:
+    """Placeholders of the card of a model trained from scratch: its own licence (never guessed), no base model."""
+    if not repo_id:
+        raise CardError("The card of a model trained from scratch is written for the Hub: pass --repo-id.")
+    if not license:
+        raise CardError(
+            "A model trained from scratch has no base model to take a licence from: pass --license (e.g. apache-2.0, "
+            "or other with --license-name and --license-link)."
+        )
+    fields = license_fields("", license, license_name, license_link)
+    return {
+        "license_yaml": license_yaml(fields), "license_sentence": license_sentence(fields),
+        "title": title or repo_id.split("/")[-1], "training_details": training_details(training or {}),
+        "about": about.strip() or "How it measured is not recorded in this card (`mask2dit hub build --about FILE.md`).",
+    }
 
 
 def _drop_empty_front_matter_lines(card: str) -> str:

@@ -1,4 +1,4 @@
-"""Sub-commands ``mask2dit hub build|push|bundle`` and ``mask2dit convert-official``."""
+"""Sub-commands ``mask2dit hub build|push|space|bundle`` and ``mask2dit convert-official``."""
 
 from __future__ import annotations
 
@@ -29,11 +29,33 @@ def _build(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             link=args.link,
             verify=args.verify,
+            about=args.about,
         )
     except (BuildError, ValueError) as error:
         return fail("hub build", error)
     print(result.summary())
+    if args.space:
+        # The Space loads the model from --repo-id when one was given, else carries the built folder.
+        return _write_space(str(result.out), args.space, args.repo_id, None, {}, args.overwrite, "hub build")
     return 0
+
+
+def _write_space(model, out, model_repo_id, title, overrides, overwrite, command, bundle=None, hardware=None) -> int:
+    from .space import SpaceError, build_space
+
+    try:
+        result = build_space(model, out, model_repo_id=model_repo_id, bundle_model=bundle, title=title,
+                             hardware=hardware, overrides=overrides, overwrite=overwrite)
+    except (SpaceError, ValueError) as error:
+        return fail(command, error)
+    print(result.summary())
+    return 0
+
+
+def _space(args: argparse.Namespace) -> int:
+    overrides = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "max_scenes": args.max_scenes}
+    return _write_space(args.model, args.out, args.model_repo_id, args.title, overrides, args.overwrite, "hub space",
+                        bundle=True if args.bundle_model else None, hardware=args.hardware)
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -101,6 +123,27 @@ def _add_push_parser(hub_sub: argparse._SubParsersAction) -> None:
     push.set_defaults(func=_push)
 
 
+def _register_space(hub_sub: argparse._SubParsersAction) -> None:
+    space = hub_sub.add_parser(
+        "space",
+        help="Write a Hugging Face Space folder (Gradio app.py, requirements.txt, README front matter) for a model.",
+        description="The app runs without this package: it loads the model's bundled pipeline.py as a diffusers "
+        "custom pipeline. Run it locally with `python app.py` (127.0.0.1:7860).",
+    )
+    space.add_argument("--model", required=True, help="A folder built by `mask2dit hub build`, or a Hub model id.")
+    space.add_argument("--out", required=True, help="Space folder to write (new or empty).")
+    space.add_argument("--model-repo-id", help="Hub id of the model: the Space loads it from there and lists it "
+                       "under `models:` (default for a local folder: bundle it into the Space).")
+    space.add_argument("--bundle-model", action="store_true", help="Copy the model folder into the Space (model/).")
+    space.add_argument("--title", help="Title of the Space and the page.")
+    space.add_argument("--hardware", help="suggested_hardware (default: cpu-basic for small models, else zero-a10g).")
+    space.add_argument("--steps", type=int, help="Default denoising steps (default: the model folder's, else 50).")
+    space.add_argument("--guidance", type=float, help="Default guidance scale (default: the model folder's, else 6.0).")
+    space.add_argument("--max-scenes", type=int, help="Most scenes a user may ask for (default: 6).")
+    space.add_argument("--overwrite", action="store_true", help="Replace --out if it holds an earlier Space.")
+    space.set_defaults(func=_space)
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     from .build import CARD_CHOICES, KINDS
     from .convert import VERIFY_MODES
@@ -131,6 +174,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                        "(default: training_config.json/.yaml beside the weights).")
     build.add_argument("--mask-variant", help="LoRA only: the scene mask it was trained with (v1, v2, v3, full); "
                        "default: from the training config, else v2 marked as assumed in the card.")
+    build.add_argument("--about", help="With --card scratch: a Markdown file on what the model is and how it measured "
+                       "(e.g. its results table), put into the card.")
+    build.add_argument("--space", help="Also write a Gradio Space folder for the built model here (see `hub space`).")
     build.add_argument("--verify", choices=VERIFY_MODES, default="load",
                        help="Authors' release only: how to verify the conversion (default: load).")
     build.add_argument("--link", action="store_true", help="Hard-link weight files instead of copying when possible.")
@@ -138,6 +184,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_build)
 
     _add_push_parser(hub_sub)
+
+    _register_space(hub_sub)
 
     bundle = hub_sub.add_parser("bundle", help="Write only the self-contained pipeline.py.")
     bundle.add_argument("--out", default="-", help="Output file (default: standard output).")

@@ -107,6 +107,10 @@ def run_demo(args: argparse.Namespace) -> int:
             print(DEMO_RANDOM_NOTE if args.random_weights else DEMO_SHAPES_NOTE)
         args.fps = DEFAULT_FPS if args.fps is None else args.fps
         check_options(args)
+        if args.web:  # the Space's page on this machine (hub/space.py) instead of files
+            from ..hub.space import serve_demo
+
+            return serve_demo(demo_pipeline(args), output_root=args.out, examples=prompts, steps=args.steps, guidance=args.guidance)
         start = time.time()
         pipe = demo_pipeline(args)
         check_model_options(pipe, args)
@@ -139,4 +143,6 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     demo.add_argument("--random-weights", action="store_true", help="a tiny random-weight CogVideoX (noise: the machinery only)")
     demo.add_argument("--style", default="5b", choices=("5b", "2b", "1.5"), help="--random-weights model style (default: 5b)")
     demo.add_argument("--scenes-per-window", type=int, default=3, help="scenes generated at once, >= 2 (default: 3)")
+    demo.add_argument("--web", action="store_true", help="serve the Gradio page on 127.0.0.1:7860 (GRADIO_SERVER_NAME/PORT "
+                      "change it); each job is written to --out/job-*")
     demo.set_defaults(func=ends_parallel(run_demo))
