@@ -310,3 +310,21 @@ def test_ditctrl_runs_on_a_15_style_transformer():
 def test_bad_input_raises_a_clear_value_error(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe.generate_ditctrl(PROMPTS[:2], num_inference_steps=STEPS, **kwargs)
+
+
+def test_cli_options_reach_generate_ditctrl(pipe):
+    import argparse
+
+    from diffusers_mask2dit.ditctrl_cli import add_ditctrl_arguments, ditctrl_options, generate_ditctrl_video
+
+    parser = argparse.ArgumentParser()
+    add_ditctrl_arguments(parser)
+    args = parser.parse_args(["--method", "ditctrl", "--tile-frames", "9", "--tile-overlap", "4", "--transition-tiles", "0",
+                              "--kv-sharing-steps", "0", "1", "--no-latent-blending"])
+    assert ditctrl_options(args) == dict(temporal_tile_size=9, temporal_overlap=4, num_transition_tiles=0, kv_sharing=True,
+                                         kv_sharing_steps=(0, 1), kv_sharing_layers=None, latent_blending=False)
+    assert parser.parse_args([]).method == "mask2dit"
+    scenes, video = generate_ditctrl_video(pipe, PROMPTS[:2], args, gen(), num_inference_steps=1)
+    assert [s.shape for s in scenes] == [(9, 64, 64, 3)] * 2 and video.shape == (17, 64, 64, 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--method", "other"])
