@@ -8,7 +8,9 @@ preparation, VAE decoding, scheduler handling and LoRA loading. What it adds:
 - ``extend``: the next scene(s) conditioned on the last scenes, held clean at timestep 0 (the paper's
   segment-level conditional mask); only the new scenes are denoised;
 - ``generate_long``: a first window of n scenes, then one scene at a time over a sliding window of the
-  last n-1 scenes' latents.
+  last n-1 scenes' latents;
+- ``generate_ditctrl`` (from `DiTCtrlMixin`): the training-free alternative on any CogVideoX checkpoint,
+  overlapping one-prompt tiles with KV-sharing and latent blending (DiTCtrl).
 
 All three describe their generation as a `GenerationPlan` (a ``__call__`` is an ``extend`` without
 context) and run it through one core, `_generate`. Input checks live in `pipeline_inputs`, the
@@ -32,6 +34,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, is_torch_xla_available, logging
 from transformers import T5EncoderModel, T5Tokenizer
 
+from .ditctrl import DiTCtrlMixin
 from .generation_plan import (
     GenerationPlan,
     SamplingOptions,
@@ -81,7 +84,7 @@ class Mask2DiTPipelineOutput(BaseOutput):
     latents: Optional[torch.Tensor] = None
 
 
-class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline):
+class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
     r"""Multi-scene text-to-video generation with Mask²DiT on CogVideoX (2b, 5b and 1.5 transformers).
 
     Takes the components of a `CogVideoXPipeline`; a plain `CogVideoXTransformer3DModel` is turned into a
