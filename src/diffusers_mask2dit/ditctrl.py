@@ -37,7 +37,7 @@ import torch
 from diffusers import CogVideoXDPMScheduler
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 
-from .generation_plan import SamplingOptions, plan_pixel_size
+from .generation_plan import Mask2DiTPipelineOutput, SamplingOptions, plan_pixel_size
 from .pipeline_inputs import negative_prompt_lists, scene_prompt_lists
 from .transformer import FusedMask2DiTAttnProcessor, Mask2DiTAttnProcessor, scene_rotary_emb
 
@@ -547,8 +547,6 @@ class DiTCtrlMixin:
 
     def _ditctrl_finish(self, layout: TileLayout, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode the whole video at once and each prompt's own tile alone; offload; wrap the result."""
-        from .pipeline import Mask2DiTPipelineOutput  # the pipeline module mixes this class in
-
         video, _ = self.decode_scenes(latents, [layout.total_frames], output_type)
         own_tiles = torch.cat([latents[:, s : s + layout.tile_frames] for s in (layout.starts[i] for i in layout.prompt_tiles)], dim=1)
         _, scenes = self.decode_scenes(own_tiles, [layout.tile_frames] * len(layout.prompt_tiles), output_type)

@@ -33,7 +33,8 @@ from .outputs import (
     recorded_settings,
     save_outputs,
 )
-from .scenes import extend_scenes, generate_scenes
+from .ditctrl import add_ditctrl_arguments, check_ditctrl_options
+from .scenes import ditctrl_scenes, extend_scenes, generate_scenes
 
 
 def _progress_label(first: int, last: int, total: int, extension: bool = False) -> str:
@@ -47,17 +48,22 @@ def run_generate(args: argparse.Namespace) -> int:
         args.model = OFFICIAL_MODEL_ID if args.model is None else args.model
         args.fps = DEFAULT_FPS if args.fps is None else args.fps
         check_options(args)
+        check_ditctrl_options(args)
         prompts = read_prompts(args.prompt, args.prompts_file)
         pipe = load_pipeline(args, _progress_label(1, min(len(prompts), args.scenes_per_window), len(prompts)))
         check_model_options(pipe, args)
-        scenes, latents = generate_scenes(pipe, prompts, args)
+        if args.method == "ditctrl":  # training-free tiles: each prompt's tile, the whole video, no latents
+            (scenes, whole), latents = ditctrl_scenes(pipe, prompts, args), None
+        else:
+            (scenes, latents), whole = generate_scenes(pipe, prompts, args), None
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
-        save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args))
+        save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args), whole_video=whole)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("generate", error)
+    latents_file = "" if latents is None else f"{LATENTS_FILE}, "
     print(f"Wrote {len(scenes)} scenes to {args.out}: {WHOLE_VIDEO_FILE}, scene_XX.mp4, {CONTACT_SHEET_FILE}, "
-          f"{PROMPTS_FILE}, {LATENTS_FILE}, {SETTINGS_FILE}")
+          f"{PROMPTS_FILE}, {latents_file}{SETTINGS_FILE}")
     return 0
 
 
@@ -200,6 +206,7 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     add_sampling_options(generate, MODEL_DEFAULTS)
     add_model_options(generate)
     generate.add_argument("--scenes-per-window", type=int, default=3, help="scenes the model sees at once, >= 2 (default: 3)")
+    add_ditctrl_arguments(generate)
     generate.set_defaults(func=ends_parallel(run_generate))
 
     extend = subparsers.add_parser(

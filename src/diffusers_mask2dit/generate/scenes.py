@@ -44,6 +44,15 @@ def _decode(pipe, scene_latents: Sequence[Any]) -> List[np.ndarray]:
     return list(scenes[0])
 
 
+def ditctrl_scenes(pipe, prompts: List[str], args: argparse.Namespace):
+    """One video by DiTCtrl's training-free tiles (``--method ditctrl``): each prompt's own tile and the whole video
+    with its transitions, frames ``(F, H, W, 3)`` in [0, 1]. No latents: `extend` continues Mask²DiT scenes."""
+    from .ditctrl import generate_ditctrl_video
+
+    options = {key: value for key, value in _call_options(args).items() if key not in ("num_frames", "output_type")}
+    return generate_ditctrl_video(pipe, prompts, args, _generator(pipe._execution_device, args.seed), **options)
+
+
 def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace):
     """All scenes of one video: one pass for up to ``--scenes-per-window`` prompts, then scene extension.
 

@@ -1,4 +1,4 @@
-"""Command-line options of the DiTCtrl mode, for ``mask2dit generate --method ditctrl``.
+"""``mask2dit generate --method ditctrl``: the options of the DiTCtrl mode and the run.
 
 `add_ditctrl_arguments` adds the options to the ``generate`` parser; `generate_ditctrl_video` runs
 `Mask2DiTPipeline.generate_ditctrl` from the parsed options and returns what the command writes: each prompt's own
@@ -57,3 +57,14 @@ def generate_ditctrl_video(pipe, prompts: Sequence[str], args: argparse.Namespac
     """
     output = pipe.generate_ditctrl(list(prompts), generator=generator, output_type="np", **ditctrl_options(args), **sampling)
     return [np.asarray(scene) for scene in output.scene_frames[0]], np.asarray(output.frames[0])
+
+
+def check_ditctrl_options(args: argparse.Namespace) -> None:
+    """What ``--method ditctrl`` cannot take, refused by name: its length comes from the tiles, not ``--frames``,
+    and its tiles run one after another in one process."""
+    if args.method != "ditctrl":
+        return
+    if args.frames is not None:
+        raise ValueError("`--frames` sets a Mask²DiT scene's length; with `--method ditctrl` use `--tile-frames`.")
+    if getattr(args, "ulysses_degree", 1) > 1 or getattr(args, "cfg_parallel", False):
+        raise ValueError("`--method ditctrl` runs in one process: leave out `--ulysses-degree` and `--cfg-parallel`.")
