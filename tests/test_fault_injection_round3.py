@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -487,3 +488,55 @@ def test_scenes_are_on_disk_as_they_finish_and_a_stopped_run_names_them(tmp_path
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and message.startswith("mask2dit generate: error: Rank 0 stopped") and "Traceback" not in message
     assert "2 finished scene(s) are on disk" in message and str(tmp_path / "stopped" / "scene_01.mp4") in message
+
+
+def _launch_demo_with_a_hung_rank(tmp_path, demo, collective_timeout):
+    """``mask2dit demo`` on 2 gloo processes (as torchrun starts them) whose rank 1 stops answering (SIGSTOP) after
+    the first window (`faulty_rank.py`). Returns rank 0's ``(exit code, stderr, seconds from the hang to its end)``."""
+    from test_parallel import RUN_TIMEOUT, _free_port
+
+    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    arguments = [*demo, "--ulysses-degree", "2", "--collective-timeout", str(collective_timeout)]
+    stamp = tmp_path / "rank1_stopped_at"
+    commands = [[sys.executable, "-m", "diffusers_mask2dit.cli", *arguments],
+                [sys.executable, str(REPO / "tests" / "faulty_rank.py"), "hang", str(stamp), "--", *arguments]]
+    ranks = [subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for rank, command in enumerate(commands)]
+    try:
+        _, stderr = ranks[0].communicate(timeout=RUN_TIMEOUT)
+        ended = time.time()
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    return ranks[0].returncode, stderr, ended - float(stamp.read_text())
+
+
+def test_a_hung_rank_ends_a_parallel_cli_run_in_bounded_time_and_keeps_the_finished_scenes(tmp_path):
+    from safetensors.torch import load_file as load_tensors
+
+    from diffusers_mask2dit.video_io import read_video
+
+    demo = ["demo", "--random-weights", "--prompt", "a cat walks", "--prompt", "a dog runs", "--prompt", "a bird flies",
+            "--scenes-per-window", "2", "--steps", "1", "--frames", "9"]
+    out, clean, timeout = tmp_path / "stopped", tmp_path / "clean", 5
+    code, stderr, seconds = _launch_demo_with_a_hung_rank(tmp_path, [*demo, "--out", str(out)], timeout)
+
+    # Bounded: the collective timeout after the hang, plus writing the first window's scenes and stopping.
+    assert code == 1 and seconds < timeout + 20, (code, seconds, stderr[-3000:])
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert errors[0].startswith("mask2dit demo: error: Rank 0 stopped in the ") and "did not answer within" in errors[0]
+    assert errors[0].endswith(f"2 finished scene(s) are on disk: {out / 'scene_00.mp4'}, {out / 'scene_01.mp4'}.")
+
+    # The first window's scenes, and nothing else (no temporary file, no whole video describing 3 scenes).
+    assert sorted(p.name for p in out.iterdir()) == [
+        "scene_00.latents.safetensors", "scene_00.mp4", "scene_01.latents.safetensors", "scene_01.mp4"]
+    assert cli_main([*demo, "--out", str(clean)]) == 0  # the same run on one process, without faults
+    reference = load_tensors(str(clean / "latents.safetensors"))["latents"][0]
+    frames = reference.shape[0] // 3
+    for index in range(2):
+        scene = load_tensors(str(out / f"scene_{index:02d}.latents.safetensors"))["latents"]
+        torch.testing.assert_close(scene, reference[index * frames : (index + 1) * frames], atol=1e-5, rtol=0)
+        assert read_video(str(out / f"scene_{index:02d}.mp4")).shape == read_video(str(clean / f"scene_{index:02d}.mp4")).shape
+    assert not list(clean.glob("scene_*.latents.safetensors"))  # a one-process run writes no per-scene latents

@@ -5,11 +5,17 @@ process of parallel inference, a kill, a crash) keeps every scene it finished.
 ``generate_long``): at the last denoising step of each window it decodes that window's new scenes and writes, on
 the main process, ``scene_XX.mp4`` and ``scene_XX.latents.safetensors`` (``latents (F_latent, C, h, w)``), each
 atomically (temporary file, then rename). The latents are the ones the pipeline returns, bit for bit.
+
+The generation commands use it for parallel inference. A run that completes writes the whole output folder as a
+one-process run does and then removes the per-scene latents files (`remove_scene_latents`): ``latents.safetensors``
+holds them all, bit for bit, so the folder is the same as without faults. A stopped run leaves them beside the
+scene videos.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Dict, List, Sequence
 
@@ -20,6 +26,7 @@ from .video_io import write_atomically, write_video
 
 SCENE_VIDEO_NAME = "scene_{:02d}.mp4"  # as the generation CLI names its scene files (from 0)
 SCENE_LATENTS_NAME = "scene_{:02d}.latents.safetensors"
+_SCENE_LATENTS_PATTERN = re.compile(r"scene_\d+\.latents\.safetensors")
 
 
 def new_scenes_per_window(num_scenes: int, scenes_per_window: int) -> List[int]:
@@ -80,6 +87,17 @@ class FinishedSceneWriter:
             paths.append(write_video(pixels, os.path.join(self.folder, SCENE_VIDEO_NAME.format(index)), fps=self.fps))
         self.written.extend(paths)
         return paths
+
+
+def remove_scene_latents(folder: str) -> List[str]:
+    """Remove the ``scene_XX.latents.safetensors`` files of ``folder`` once its ``latents.safetensors`` holds every
+    scene (a completed run, or a later run into the folder of a stopped one); returns the removed paths."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if _SCENE_LATENTS_PATTERN.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+    return removed
 
 
 def report_stopped_run(command: str, error: BaseException, writer: Any = None) -> int:

@@ -15,7 +15,8 @@ import argparse
 from typing import Any, Dict
 
 from ..cli_utils import DEVICE_CHOICES, fail
-from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, is_main_process
+from ..finished_scenes import report_stopped_run
+from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveTimeoutError, is_main_process
 from ..pipeline import DEFAULT_FPS
 from ..release_loading import OFFICIAL_MODEL_ID
 from .loading import DTYPES, SCHEDULERS, load_pipeline, wants_parallel
@@ -33,7 +34,7 @@ from .outputs import (
     recorded_settings,
     save_outputs,
 )
-from .scenes import extend_scenes, generate_scenes
+from .scenes import extend_scenes, finished_scene_writer, generate_scenes
 
 
 def _progress_label(first: int, last: int, total: int, extension: bool = False) -> str:
@@ -43,6 +44,7 @@ def _progress_label(first: int, last: int, total: int, extension: bool = False) 
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    writer = None
     try:
         args.model = OFFICIAL_MODEL_ID if args.model is None else args.model
         args.fps = DEFAULT_FPS if args.fps is None else args.fps
@@ -50,10 +52,13 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompt, args.prompts_file)
         pipe = load_pipeline(args, _progress_label(1, min(len(prompts), args.scenes_per_window), len(prompts)))
         check_model_options(pipe, args)
-        scenes, latents = generate_scenes(pipe, prompts, args)
+        writer = finished_scene_writer(pipe, args, len(prompts))
+        scenes, latents = generate_scenes(pipe, prompts, args, writer)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args))
+    except CollectiveTimeoutError as error:  # parallel inference: a process hung or died; finished scenes are kept
+        return report_stopped_run("generate", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("generate", error)
     print(f"Wrote {len(scenes)} scenes to {args.out}: {WHOLE_VIDEO_FILE}, scene_XX.mp4, {CONTACT_SHEET_FILE}, "
@@ -75,6 +80,7 @@ def reuse_recorded_settings(args: argparse.Namespace, settings: Dict[str, Any]) 
 
 
 def run_extend(args: argparse.Namespace) -> int:
+    writer = None
     try:
         folder = read_output_folder(args.source)
         reuse_recorded_settings(args, read_settings(args.source))
@@ -85,12 +91,15 @@ def run_extend(args: argparse.Namespace) -> int:
         total = len(folder.scenes) + len(new_prompts)
         pipe = load_pipeline(args, _progress_label(len(folder.scenes) + 1, total, total, extension=True))
         check_model_options(pipe, args)
-        new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args)
+        writer = finished_scene_writer(pipe, args, len(new_prompts), first_scene=len(folder.scenes), extension=True)
+        new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args, writer)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         copied = dict(enumerate(folder.scene_paths))  # earlier scenes: their files, unchanged
         save_outputs(args.out, folder.scenes + new_scenes, folder.prompts + new_prompts, args.fps, latents, copied,
                      settings=recorded_settings(args))
+    except CollectiveTimeoutError as error:  # parallel inference: a process hung or died; finished scenes are kept
+        return report_stopped_run("extend", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("extend", error)
     print(f"Wrote {len(folder.scenes)} + {len(new_prompts)} scenes to {args.out}")
