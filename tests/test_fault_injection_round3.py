@@ -540,3 +540,40 @@ def test_a_hung_rank_ends_a_parallel_cli_run_in_bounded_time_and_keeps_the_finis
         torch.testing.assert_close(scene, reference[index * frames : (index + 1) * frames], atol=1e-5, rtol=0)
         assert read_video(str(out / f"scene_{index:02d}.mp4")).shape == read_video(str(clean / f"scene_{index:02d}.mp4")).shape
     assert not list(clean.glob("scene_*.latents.safetensors"))  # a one-process run writes no per-scene latents
+
+
+@pytest.mark.parametrize("command, style", [("demo", "5b"), ("demo", "1.5"), ("extend", "5b")])
+def test_parallel_cli_runs_write_each_scene_where_the_output_folder_puts_it(command, style, tmp_path, monkeypatch):
+    """The writer the CLI passes under the parallel options (forced here on one process) writes each new scene
+    under its index in ``--out`` (``extend``: after the copied scenes), with the latents that the completed run's
+    ``latents.safetensors`` holds, bit for bit (CogVideoX 1.5: without its filler frames); then the completed run
+    removes those per-scene files."""
+    from safetensors.torch import load_file as load_tensors
+
+    import diffusers_mask2dit.finished_scenes as finished_scenes
+    import diffusers_mask2dit.generate.scenes as scenes
+
+    from diffusers_mask2dit.tiny import save_tiny_cogvideox
+
+    monkeypatch.setattr(scenes, "wants_parallel", lambda args: True)
+    removed = []
+    monkeypatch.setattr(finished_scenes, "remove_scene_latents", lambda folder: removed.append(folder))
+    sampling = ["--steps", "1", "--frames", "9", "--scenes-per-window", "2"]
+    prompts = ["--prompt", "a cat walks", "--prompt", "a dog runs"]
+    if command == "demo":  # 3 scenes: a window of 2, then one by scene extension (generate_long)
+        arguments, new = ["demo", "--random-weights", "--style", style, *sampling, *prompts, "--prompt", "a bird flies"], [0, 1, 2]
+    else:  # 2 new scenes after the 2 of a folder written by `generate`
+        first = tmp_path / "first"
+        model = ["--model", save_tiny_cogvideox(str(tmp_path / "model"))]
+        assert cli_main(["generate", *model, *sampling, *prompts, "--out", str(first)]) == 0
+        arguments, new = ["extend", "--from", str(first), "--prompt", "a bird flies", "--prompt", "a fish swims"], [2, 3]
+        removed.clear()
+    out = tmp_path / "out"
+    assert cli_main([*arguments, "--out", str(out)]) == 0
+    assert removed == [str(out)]
+    whole = load_tensors(str(out / "latents.safetensors"))["latents"][0]
+    frames = whole.shape[0] // (new[-1] + 1)
+    assert sorted(p.name for p in out.glob("scene_*.latents.safetensors")) == [f"scene_{i:02d}.latents.safetensors" for i in new]
+    for index in new:
+        scene = load_tensors(str(out / f"scene_{index:02d}.latents.safetensors"))["latents"]
+        torch.testing.assert_close(scene, whole[index * frames : (index + 1) * frames], atol=0, rtol=0)

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
+from .layout import drop_leading_frames, patch_aligned_frames
 from .parallel import is_main_process
 from .video_io import write_atomically, write_video
 
@@ -68,8 +69,10 @@ class FinishedSceneWriter:
         frames = self.scene_latent_frames[self._done : self._done + count]
         first = self.first_scene + self._done
         self._window, self._done = self._window + 1, self._done + count
-        if is_main_process():
-            self.write_scenes(pipe, callback_kwargs["latents"][:1, : sum(frames)], frames, first)
+        if is_main_process():  # the callback's latents carry CogVideoX 1.5's filler frames in front of each scene
+            padded = patch_aligned_frames(frames, getattr(pipe.transformer.config, "patch_size_t", None))
+            latents = drop_leading_frames(callback_kwargs["latents"][:1, : sum(padded)], frames, padded)
+            self.write_scenes(pipe, latents, frames, first)
         self.finished.extend(os.path.join(self.folder, SCENE_VIDEO_NAME.format(first + k)) for k in range(count))
         return {}
 
