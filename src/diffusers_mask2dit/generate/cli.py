@@ -15,7 +15,7 @@ import argparse
 from typing import Any, Dict
 
 from ..cli_utils import DEVICE_CHOICES, fail
-from ..finished_scenes import report_stopped_run
+from ..finished_scenes import RunStopped, report_stopped_run
 from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveTimeoutError, is_main_process
 from ..pipeline import DEFAULT_FPS
 from ..release_loading import OFFICIAL_MODEL_ID
@@ -57,7 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args))
-    except CollectiveTimeoutError as error:  # parallel inference: a process hung or died; finished scenes are kept
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
         return report_stopped_run("generate", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("generate", error)
@@ -98,7 +98,7 @@ def run_extend(args: argparse.Namespace) -> int:
         copied = dict(enumerate(folder.scene_paths))  # earlier scenes: their files, unchanged
         save_outputs(args.out, folder.scenes + new_scenes, folder.prompts + new_prompts, args.fps, latents, copied,
                      settings=recorded_settings(args))
-    except CollectiveTimeoutError as error:  # parallel inference: a process hung or died; finished scenes are kept
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
         return report_stopped_run("extend", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("extend", error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any, List, Optional, Sequence
@@ -79,10 +80,11 @@ def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace, writer: 
         )
     generator = _generator(pipe._execution_device, args.seed)
     window = args.scenes_per_window
-    if len(prompts) <= window:
-        output = pipe(prompt=prompts, generator=generator, **options)
-    else:
-        output = pipe.generate_long(prompts, scenes_per_window=window, generator=generator, **options)
+    with writer.stop_on_sigterm() if writer is not None else contextlib.nullcontext():
+        if len(prompts) <= window:
+            output = pipe(prompt=prompts, generator=generator, **options)
+        else:
+            output = pipe.generate_long(prompts, scenes_per_window=window, generator=generator, **options)
     scene_latents = list(output.scene_frames[0])
     scenes = _decode(pipe, scene_latents)
     latents = SavedLatents(
@@ -121,15 +123,16 @@ def extend_scenes(pipe, folder: OutputFolder, new_prompts: List[str], context_co
 
     saved = folder_latents(pipe, folder)
     context_frames = sum(saved.latent_frames[-context_count:])
-    output = pipe.extend(
-        prompt=new_prompts,
-        context_prompts=folder.prompts[-context_count:],
-        context_latents=saved.latents[:, saved.latents.shape[1] - context_frames :],
-        context_num_frames=saved.pixel_frames[-context_count:],
-        num_new_scenes=len(new_prompts),
-        generator=_generator(pipe._execution_device, args.seed),
-        **_call_options(args, writer),  # --height/--width default to the context scenes' size
-    )
+    with writer.stop_on_sigterm() if writer is not None else contextlib.nullcontext():
+        output = pipe.extend(
+            prompt=new_prompts,
+            context_prompts=folder.prompts[-context_count:],
+            context_latents=saved.latents[:, saved.latents.shape[1] - context_frames :],
+            context_num_frames=saved.pixel_frames[-context_count:],
+            num_new_scenes=len(new_prompts),
+            generator=_generator(pipe._execution_device, args.seed),
+            **_call_options(args, writer),  # --height/--width default to the context scenes' size
+        )
     new_latents = list(output.scene_frames[0][context_count:])
     new_scenes = _decode(pipe, new_latents)
     earlier = saved.latents[:, : saved.latents.shape[1] - context_frames].to(output.frames)

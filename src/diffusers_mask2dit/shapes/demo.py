@@ -20,7 +20,7 @@ from ..generate.loading import finish_pipeline, from_pretrained, load_transforme
 from ..generate.options import check_model_options, check_options
 from ..generate.outputs import CONTACT_SHEET_FILE, LATENTS_FILE, PROMPTS_FILE, WHOLE_VIDEO_FILE, read_prompts
 from ..generate.outputs import recorded_settings, save_outputs
-from ..finished_scenes import report_stopped_run
+from ..finished_scenes import RunStopped, report_stopped_run
 from ..generate.scenes import finished_scene_writer, generate_scenes
 from ..parallel import CollectiveTimeoutError, is_main_process
 from ..pipeline import DEFAULT_FPS
@@ -124,7 +124,7 @@ def run_demo(args: argparse.Namespace) -> int:
         args.model = None if args.random_weights else shipped_model_path()
         settings = {**recorded_settings(args), "random_weights": args.random_weights}
         save_outputs(args.out, scenes, prompts, args.fps, latents, settings=settings)
-    except CollectiveTimeoutError as error:  # parallel inference: a process hung or died; finished scenes are kept
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
         return report_stopped_run("demo", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("demo", error)
