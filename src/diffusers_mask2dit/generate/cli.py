@@ -15,7 +15,8 @@ import argparse
 from typing import Any, Dict
 
 from ..cli_utils import DEVICE_CHOICES, fail
-from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, is_main_process
+from ..finished_scenes import RunStopped, report_stopped_run
+from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveTimeoutError, is_main_process
 from ..pipeline import DEFAULT_FPS
 from ..release_loading import OFFICIAL_MODEL_ID
 from .loading import DTYPES, SCHEDULERS, load_pipeline, wants_parallel
@@ -34,7 +35,7 @@ from .outputs import (
     save_outputs,
 )
 from .ditctrl import add_ditctrl_arguments, check_ditctrl_options
-from .scenes import ditctrl_scenes, extend_scenes, generate_scenes
+from .scenes import ditctrl_scenes, extend_scenes, finished_scene_writer, generate_scenes
 
 
 def _progress_label(first: int, last: int, total: int, extension: bool = False) -> str:
@@ -44,6 +45,7 @@ def _progress_label(first: int, last: int, total: int, extension: bool = False) 
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    writer = None
     try:
         args.model = OFFICIAL_MODEL_ID if args.model is None else args.model
         args.fps = DEFAULT_FPS if args.fps is None else args.fps
@@ -55,10 +57,13 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.method == "ditctrl":  # training-free tiles: each prompt's tile, the whole video, no latents
             (scenes, whole), latents = ditctrl_scenes(pipe, prompts, args), None
         else:
-            (scenes, latents), whole = generate_scenes(pipe, prompts, args), None
+            writer = finished_scene_writer(pipe, args, len(prompts))
+            (scenes, latents), whole = generate_scenes(pipe, prompts, args, writer), None
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args), whole_video=whole)
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
+        return report_stopped_run("generate", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("generate", error)
     latents_file = "" if latents is None else f"{LATENTS_FILE}, "
@@ -81,6 +86,7 @@ def reuse_recorded_settings(args: argparse.Namespace, settings: Dict[str, Any]) 
 
 
 def run_extend(args: argparse.Namespace) -> int:
+    writer = None
     try:
         folder = read_output_folder(args.source)
         reuse_recorded_settings(args, read_settings(args.source))
@@ -91,12 +97,15 @@ def run_extend(args: argparse.Namespace) -> int:
         total = len(folder.scenes) + len(new_prompts)
         pipe = load_pipeline(args, _progress_label(len(folder.scenes) + 1, total, total, extension=True))
         check_model_options(pipe, args)
-        new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args)
+        writer = finished_scene_writer(pipe, args, len(new_prompts), first_scene=len(folder.scenes), extension=True)
+        new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args, writer)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         copied = dict(enumerate(folder.scene_paths))  # earlier scenes: their files, unchanged
         save_outputs(args.out, folder.scenes + new_scenes, folder.prompts + new_prompts, args.fps, latents, copied,
                      settings=recorded_settings(args))
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
+        return report_stopped_run("extend", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("extend", error)
     print(f"Wrote {len(folder.scenes)} + {len(new_prompts)} scenes to {args.out}")

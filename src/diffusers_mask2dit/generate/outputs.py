@@ -4,7 +4,8 @@ Every command writes ``scene_00.mp4``, ``scene_01.mp4``, ..., ``video.mp4`` (the
 re-encoding), ``contact_sheet.png`` (one row per scene, labelled with its prompt; scenes made by scene extension are
 marked), ``prompts.txt`` (one scene prompt per line), ``latents.safetensors`` (every scene's exact latents, which
 ``extend`` continues from) and ``settings.json`` (the model, LoRA and sampling settings, which ``extend --from``
-reuses). ``mask2dit evaluate`` reads these names.
+reuses). ``mask2dit evaluate`` reads these names. A parallel run stopped by a hung or dead process leaves only the
+scenes it finished: ``scene_XX.mp4`` and ``scene_XX.latents.safetensors`` (:mod:`..finished_scenes`).
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ def save_outputs(
             paths.append(save(path, content))
         elif os.path.exists(path):
             os.remove(path)  # it would describe another video
+    from ..finished_scenes import remove_scene_latents
+
+    remove_scene_latents(folder)  # a parallel run's scenes as they finished: now in latents.safetensors (or stale)
     return paths
 
 
