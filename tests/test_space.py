@@ -323,8 +323,12 @@ def _browser():
 
 
 def test_browser_generates_and_shows_errors(space):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait as _Wait
+
+    def WebDriverWait(driver, timeout):  # gradio re-renders rows: an element found may be replaced before it is read
+        return _Wait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
 
     url, root = space
     driver = _browser()
