@@ -28,10 +28,13 @@ def _call_options(args: argparse.Namespace) -> dict:
         num_frames=args.frames,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        max_sequence_length=args.max_sequence_length,
         output_type="latent",  # decoded below: the exact latents are saved too
     )
-    if args.mask is not None:
-        options["attention_kwargs"] = {"scene_mask": args.mask}
+    attention = {"scene_mask": args.mask, "attention_backend": args.attention_backend}
+    attention = {name: value for name, value in attention.items() if value is not None}
+    if attention:
+        options["attention_kwargs"] = attention
     return options
 
 
