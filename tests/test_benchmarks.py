@@ -24,20 +24,6 @@ def _load(name):
     return module
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_settings():
-    # the scripts set threads and quiet the loggers for their tables: give the other tests theirs back
-    from diffusers.utils import logging as diffusers_logging
-
-    threads = torch.get_num_threads()
-    package_logger = logging.getLogger("diffusers_mask2dit")
-    level, verbosity = package_logger.level, diffusers_logging.get_verbosity()
-    yield
-    torch.set_num_threads(threads)
-    package_logger.setLevel(level)
-    diffusers_logging.set_verbosity(verbosity)
-
-
 def _run(name, tmp_path, *extra):
     out = tmp_path / f"{name}.json"
     payload = _load(name).main(["--quick", "--repeats", "1", "--warmup", "0", "--output", str(out), *extra])

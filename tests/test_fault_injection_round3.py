@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -487,3 +488,128 @@ def test_scenes_are_on_disk_as_they_finish_and_a_stopped_run_names_them(tmp_path
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and message.startswith("mask2dit generate: error: Rank 0 stopped") and "Traceback" not in message
     assert "2 finished scene(s) are on disk" in message and str(tmp_path / "stopped" / "scene_01.mp4") in message
+
+
+def _launch_demo_with_a_hung_rank(tmp_path, demo, collective_timeout):
+    """``mask2dit demo`` on 2 gloo processes (as torchrun starts them) whose rank 1 stops answering (SIGSTOP) after
+    the first window (`faulty_rank.py`). Returns rank 0's ``(exit code, stderr, seconds from the hang to its end)``."""
+    from test_parallel import RUN_TIMEOUT, _free_port
+
+    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    arguments = [*demo, "--ulysses-degree", "2", "--collective-timeout", str(collective_timeout)]
+    stamp = tmp_path / "rank1_stopped_at"
+    commands = [[sys.executable, "-m", "diffusers_mask2dit.cli", *arguments],
+                [sys.executable, str(REPO / "tests" / "faulty_rank.py"), "hang", str(stamp), "--", *arguments]]
+    ranks = [subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for rank, command in enumerate(commands)]
+    try:
+        _, stderr = ranks[0].communicate(timeout=RUN_TIMEOUT)
+        ended = time.time()
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    return ranks[0].returncode, stderr, ended - float(stamp.read_text())
+
+
+FAULTY_DEMO = ["demo", "--random-weights", "--prompt", "a cat walks", "--prompt", "a dog runs", "--prompt", "a bird flies",
+               "--scenes-per-window", "2", "--steps", "1", "--frames", "9"]  # windows: scenes 1-2, then scene 3
+
+
+@pytest.fixture(scope="module")
+def clean_demo(tmp_path_factory):
+    """`FAULTY_DEMO` on one process, without faults: the scenes a stopped parallel run must have kept."""
+    clean = tmp_path_factory.mktemp("clean")
+    assert cli_main([*FAULTY_DEMO, "--out", str(clean)]) == 0
+    assert not list(clean.glob("scene_*.latents.safetensors"))  # a one-process run writes no per-scene latents
+    return clean
+
+
+def _assert_one_line_naming_the_first_window(stderr, out, *reasons):
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert errors[0].startswith(tuple(f"mask2dit demo: error: {start}" for start in reasons)), errors[0]
+    assert errors[0].endswith(f"2 finished scene(s) are on disk: {out / 'scene_00.mp4'}, {out / 'scene_01.mp4'}.")
+
+
+def _assert_first_window_on_disk(out, clean):
+    """The first window's 2 scenes and nothing else (no temporary file, no whole video), equal to the clean run's
+    (fp32 parallel vs one process: 1e-5, as tests/test_parallel.py)."""
+    from safetensors.torch import load_file as load_tensors
+
+    from diffusers_mask2dit.video_io import read_video
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "scene_00.latents.safetensors", "scene_00.mp4", "scene_01.latents.safetensors", "scene_01.mp4"]
+    reference = load_tensors(str(clean / "latents.safetensors"))["latents"][0]
+    frames = reference.shape[0] // 3
+    for index in range(2):
+        scene = load_tensors(str(out / f"scene_{index:02d}.latents.safetensors"))["latents"]
+        torch.testing.assert_close(scene, reference[index * frames : (index + 1) * frames], atol=1e-5, rtol=0)
+        assert read_video(str(out / f"scene_{index:02d}.mp4")).shape == read_video(str(clean / f"scene_{index:02d}.mp4")).shape
+
+
+def test_a_hung_rank_ends_a_parallel_cli_run_in_bounded_time_and_keeps_the_finished_scenes(tmp_path, clean_demo):
+    out, timeout = tmp_path / "stopped", 5
+    code, stderr, seconds = _launch_demo_with_a_hung_rank(tmp_path, [*FAULTY_DEMO, "--out", str(out)], timeout)
+    # Bounded: the collective timeout after the hang, plus writing the first window's scenes and stopping.
+    assert code == 1 and seconds < timeout + 20, (code, seconds, stderr[-3000:])
+    _assert_one_line_naming_the_first_window(stderr, out, "Rank 0 stopped in the ")
+    assert "did not answer within the collective timeout" in stderr
+    _assert_first_window_on_disk(out, clean_demo)
+
+
+def test_a_rank_killed_under_torchrun_leaves_the_finished_scenes_and_one_line(tmp_path, clean_demo):
+    """torchrun stops the other processes (SIGTERM) when one dies: rank 0 finishes the scene files it is writing,
+    then ends with one line naming them (or, had it reached its next collective first, with the dead peer's)."""
+    from test_parallel import RUN_TIMEOUT, _free_port
+
+    out, logs = tmp_path / "stopped", tmp_path / "logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "--log-dir", str(logs), "--redirects", "3",
+               str(REPO / "tests" / "faulty_rank.py"), "kill", str(tmp_path / "stamp"), "--", *FAULTY_DEMO,
+               "--ulysses-degree", "2", "--collective-timeout", "60", "--out", str(out)]
+    completed = subprocess.run(command, env=dict(_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                               timeout=RUN_TIMEOUT)
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert time.time() - float((tmp_path / "stamp").read_text()) < 30  # torchrun noticed at once
+    rank0 = next(path for path in logs.rglob("stderr.log") if path.parent.name == "0").read_text()
+    _assert_one_line_naming_the_first_window(rank0, out, "Stopped by SIGTERM: torchrun stops every process", "Rank 0 stopped")
+    _assert_first_window_on_disk(out, clean_demo)
+
+
+@pytest.mark.parametrize("command, style", [("demo", "5b"), ("demo", "1.5"), ("extend", "5b")])
+def test_parallel_cli_runs_write_each_scene_where_the_output_folder_puts_it(command, style, tmp_path, monkeypatch):
+    """The writer the CLI passes under the parallel options (forced here on one process) writes each new scene
+    under its index in ``--out`` (``extend``: after the copied scenes), with the latents that the completed run's
+    ``latents.safetensors`` holds, bit for bit (CogVideoX 1.5: without its filler frames); then the completed run
+    removes those per-scene files."""
+    from safetensors.torch import load_file as load_tensors
+
+    import diffusers_mask2dit.finished_scenes as finished_scenes
+    import diffusers_mask2dit.generate.scenes as scenes
+
+    from diffusers_mask2dit.tiny import save_tiny_cogvideox
+
+    monkeypatch.setattr(scenes, "wants_parallel", lambda args: True)
+    removed = []
+    monkeypatch.setattr(finished_scenes, "remove_scene_latents", lambda folder: removed.append(folder))
+    sampling = ["--steps", "1", "--frames", "9", "--scenes-per-window", "2"]
+    prompts = ["--prompt", "a cat walks", "--prompt", "a dog runs"]
+    if command == "demo":  # 3 scenes: a window of 2, then one by scene extension (generate_long)
+        arguments, new = ["demo", "--random-weights", "--style", style, *sampling, *prompts, "--prompt", "a bird flies"], [0, 1, 2]
+    else:  # 2 new scenes after the 2 of a folder written by `generate`
+        first = tmp_path / "first"
+        model = ["--model", save_tiny_cogvideox(str(tmp_path / "model"))]
+        assert cli_main(["generate", *model, *sampling, *prompts, "--out", str(first)]) == 0
+        arguments, new = ["extend", "--from", str(first), "--prompt", "a bird flies", "--prompt", "a fish swims"], [2, 3]
+        removed.clear()
+    out = tmp_path / "out"
+    assert cli_main([*arguments, "--out", str(out)]) == 0
+    assert removed == [str(out)]
+    whole = load_tensors(str(out / "latents.safetensors"))["latents"][0]
+    frames = whole.shape[0] // (new[-1] + 1)
+    assert sorted(p.name for p in out.glob("scene_*.latents.safetensors")) == [f"scene_{i:02d}.latents.safetensors" for i in new]
+    for index in new:
+        scene = load_tensors(str(out / f"scene_{index:02d}.latents.safetensors"))["latents"]
+        torch.testing.assert_close(scene, whole[index * frames : (index + 1) * frames], atol=0, rtol=0)

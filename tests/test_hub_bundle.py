@@ -19,7 +19,9 @@ from diffusers_mask2dit.hub.bundle import (
 
 # The package modules the one-file Hub pipeline bundles, in dependency order.
 BUNDLED_MODULES = [
-    "layout", "attention", "pipeline_inputs", "parallel", "transformer", "generation_plan", "release_loading", "pipeline"
+    "layout", "attention", "pipeline_inputs", "parallel", "scene_norms", "transformer", "generation_plan", "ditctrl",
+    "release_loading",
+    "pipeline",
 ]
 
 

@@ -237,6 +237,10 @@ def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path)
     logs = {path.parent.name + path.stem: path.read_text() for path in (tmp_path / "logs").rglob("*.log")}
     assert completed.returncode == 0, completed.stderr[-3000:] + str(logs)[-3000:]
     assert "Wrote 2 scenes" in logs["0stdout"] and logs["1stdout"] == ""  # rank 1 writes nothing
+    # Each scene was written as it finished (scene_XX.latents.safetensors); once latents.safetensors holds them all,
+    # those files are removed: the folder is the one a one-process run writes.
+    assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == [
+        "contact_sheet.png", "latents.safetensors", "prompts.txt", "scene_00.mp4", "scene_01.mp4", "settings.json", "video.mp4"]
     assert "it/s" in logs["0stderr"] and "it/s" not in logs["1stderr"]  # and shows no progress bar
 
     assert cli.main([*DEMO, "--out", str(tmp_path / "single")]) == 0

@@ -14,9 +14,9 @@ from diffusers_mask2dit.shapes import retrain, world
 def test_retrain_smoke_run_builds_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     recipe = retrain.Recipe.smoke()
-    timings = retrain.retrain(str(out), variants=["shipped", "v1"], recipe=recipe, in_process=True)
+    timings = retrain.retrain(str(out), variants=["shipped", "v1", "stock"], recipe=recipe, in_process=True)
     for step in ("data", "vae", "base", "precompute pretrain", "precompute sft", "train pretrain", "train sft shipped",
-                 "assemble shipped", "train sft v1", "assemble v1"):
+                 "assemble shipped", "train sft v1", "assemble v1", "train stock", "assemble stock"):
         assert step in timings
     configs = {}
     for name in ("shipped", "v1"):
@@ -27,6 +27,12 @@ def test_retrain_smoke_run_builds_a_loadable_model(tmp_path):
     # The ablation's variants get the equal budget; the shipped model is the v2 mask trained longer.
     assert configs["v1"]["mask_variant"] == "v1" and configs["v1"]["max_train_steps"] == recipe.sft["max_train_steps"]
     assert configs["shipped"]["mask_variant"] == "v2" and configs["shipped"]["max_train_steps"] == recipe.shipped_sft_steps
+    # The stock model: stage 1's settings and cache on single clips, from the random transformer.
+    with open(out / "configs" / "train-stock.json") as handle:
+        stock = json.load(handle)
+    assert stock["num_scenes"] == 1 and stock["stage"] == "pretrain" and "transformer_path" not in stock
+    assert stock["cache_dir"] == str(out / "cache" / "pretrain") and stock["max_train_steps"] == recipe.pretrain["max_train_steps"]
+    assert shapes_model.load_pipeline(str(out / "model-stock")).transformer.config.num_layers == 4
     with open(out / "vae" / "vae_report.json") as handle:
         assert json.load(handle)["held_out_clips"] == 2
 

@@ -5,21 +5,41 @@ process of parallel inference, a kill, a crash) keeps every scene it finished.
 ``generate_long``): at the last denoising step of each window it decodes that window's new scenes and writes, on
 the main process, ``scene_XX.mp4`` and ``scene_XX.latents.safetensors`` (``latents (F_latent, C, h, w)``), each
 atomically (temporary file, then rename). The latents are the ones the pipeline returns, bit for bit.
+
+The generation commands use it for parallel inference. A run that completes writes the whole output folder as a
+one-process run does and then removes the per-scene latents files (`remove_scene_latents`): ``latents.safetensors``
+holds them all, bit for bit, so the folder is the same as without faults. A stopped run leaves them beside the
+scene videos.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import sys
-from typing import Any, Dict, List, Sequence
+import threading
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
 
+from .layout import drop_leading_frames, patch_aligned_frames
 from .parallel import is_main_process
 from .video_io import write_atomically, write_video
 
 SCENE_VIDEO_NAME = "scene_{:02d}.mp4"  # as the generation CLI names its scene files (from 0)
 SCENE_LATENTS_NAME = "scene_{:02d}.latents.safetensors"
+_SCENE_LATENTS_PATTERN = re.compile(r"scene_\d+\.latents\.safetensors")
+
+
+class RunStopped(RuntimeError):
+    """The process was told to stop (SIGTERM) while generating: torchrun does so to every process of a run when one
+    of them fails."""
+
+
+SIGTERM_MESSAGE = ("Stopped by SIGTERM: torchrun stops every process of a run when one of them fails (its report "
+                   "names that one).")
 
 
 def new_scenes_per_window(num_scenes: int, scenes_per_window: int) -> List[int]:
@@ -53,6 +73,26 @@ class FinishedSceneWriter:
         self.finished: List[str] = []  # mp4 files of the scenes finished so far (the main process writes them)
         self._window = 0
         self._done = 0  # new scenes finished so far
+        self._writing = self._stop_requested = False
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self) -> Iterator[None]:
+        """Within it, SIGTERM raises `RunStopped` (once the scene files being written are complete) instead of ending
+        the process silently, so that the command can name the scenes on disk; only in the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._writing:  # the scene files first: the stop comes right after them (`__call__`)
+            self._stop_requested = True
+        else:
+            raise RunStopped(SIGTERM_MESSAGE)
 
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if step != pipe.num_timesteps - 1 or self._window >= len(self.windows):
@@ -61,9 +101,17 @@ class FinishedSceneWriter:
         frames = self.scene_latent_frames[self._done : self._done + count]
         first = self.first_scene + self._done
         self._window, self._done = self._window + 1, self._done + count
-        if is_main_process():
-            self.write_scenes(pipe, callback_kwargs["latents"][:1, : sum(frames)], frames, first)
+        if is_main_process():  # the callback's latents carry CogVideoX 1.5's filler frames in front of each scene
+            padded = patch_aligned_frames(frames, getattr(pipe.transformer.config, "patch_size_t", None))
+            latents = drop_leading_frames(callback_kwargs["latents"][:1, : sum(padded)], frames, padded)
+            self._writing = True
+            try:
+                self.write_scenes(pipe, latents, frames, first)
+            finally:
+                self._writing = False
         self.finished.extend(os.path.join(self.folder, SCENE_VIDEO_NAME.format(first + k)) for k in range(count))
+        if self._stop_requested:
+            raise RunStopped(SIGTERM_MESSAGE)
         return {}
 
     def write_scenes(self, pipe: Any, latents: torch.Tensor, frames: Sequence[int], first: int) -> List[str]:
@@ -82,9 +130,20 @@ class FinishedSceneWriter:
         return paths
 
 
+def remove_scene_latents(folder: str) -> List[str]:
+    """Remove the ``scene_XX.latents.safetensors`` files of ``folder`` once its ``latents.safetensors`` holds every
+    scene (a completed run, or a later run into the folder of a stopped one); returns the removed paths."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if _SCENE_LATENTS_PATTERN.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+    return removed
+
+
 def report_stopped_run(command: str, error: BaseException, writer: Any = None) -> int:
-    """Print the one-line stop message of a generation that a hung or dead process (`CollectiveTimeoutError`) or
-    another failure ended after it started, naming the scenes already on disk; no traceback. Returns exit status 1."""
+    """Print the one-line stop message of a generation that a hung or dead process (`CollectiveTimeoutError`,
+    `RunStopped`) or another failure ended after it started, naming the scenes already on disk; no traceback. Returns exit status 1."""
     finished = writer.finished if writer is not None else []
     kept = (f" {len(finished)} finished scene(s) are on disk: {', '.join(finished)}." if finished
             else " No scene was finished.")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+import PIL.Image
 import torch
+from diffusers.utils import BaseOutput
 
 from .pipeline_inputs import (
     FrameCounts,
@@ -68,6 +70,24 @@ class GenerationPlan:
     def new_frames(self) -> List[int]:
         """Latent frames of each scene to denoise, as denoised (with filler frames)."""
         return self.denoised_frames[self.num_context_scenes :]
+
+
+@dataclass
+class Mask2DiTPipelineOutput(BaseOutput):
+    """Output of `Mask2DiTPipeline`.
+
+    Args:
+        frames: the whole video of each sample, all scenes one after the other: ``(B, F, H, W, 3)`` array
+            for ``"np"``, ``(B, F, 3, H, W)`` tensor for ``"pt"``, a list of lists of PIL images for ``"pil"``,
+            latents ``(B, F_latent, C, h, w)`` for ``"latent"``.
+        scene_frames: per sample, the list of each scene's frames, in the same format (one scene per entry).
+        latents: the final latents ``(B, F_latent, C, h, w)`` of all scenes, whatever ``output_type``: save them
+            to continue exactly with ``extend(context_latents=...)`` (decoded video re-encoded is not exact).
+    """
+
+    frames: Union[torch.Tensor, np.ndarray, List[List[PIL.Image.Image]]]
+    scene_frames: List[List[Any]]
+    latents: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -8,7 +8,9 @@ preparation, VAE decoding, scheduler handling and LoRA loading. What it adds:
 - ``extend``: the next scene(s) conditioned on the last scenes, held clean at timestep 0 (the paper's
   segment-level conditional mask); only the new scenes are denoised;
 - ``generate_long``: a first window of n scenes, then one scene at a time over a sliding window of the
-  last n-1 scenes' latents.
+  last n-1 scenes' latents;
+- ``generate_ditctrl`` (from `DiTCtrlMixin`): the training-free alternative on any CogVideoX checkpoint,
+  overlapping one-prompt tiles with KV-sharing and latent blending (DiTCtrl).
 
 All three describe their generation as a `GenerationPlan` (a ``__call__`` is an ``extend`` without
 context) and run it through one core, `_generate`. Input checks live in `pipeline_inputs`, the
@@ -23,16 +25,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput, is_torch_xla_available, logging
+from diffusers.utils import is_torch_xla_available, logging
 from transformers import T5EncoderModel, T5Tokenizer
 
+from .ditctrl import DiTCtrlMixin
 from .generation_plan import (
+    Mask2DiTPipelineOutput,
     GenerationPlan,
     SamplingOptions,
     call_plan,
@@ -63,25 +66,8 @@ XLA_AVAILABLE = is_torch_xla_available()
 __all__ = ["Mask2DiTPipeline", "Mask2DiTPipelineOutput", "GenerationPlan", "OFFICIAL_MODEL_ID"]
 
 
-@dataclass
-class Mask2DiTPipelineOutput(BaseOutput):
-    """Output of `Mask2DiTPipeline`.
 
-    Args:
-        frames: the whole video of each sample, all scenes one after the other: ``(B, F, H, W, 3)`` array
-            for ``"np"``, ``(B, F, 3, H, W)`` tensor for ``"pt"``, a list of lists of PIL images for ``"pil"``,
-            latents ``(B, F_latent, C, h, w)`` for ``"latent"``.
-        scene_frames: per sample, the list of each scene's frames, in the same format (one scene per entry).
-        latents: the final latents ``(B, F_latent, C, h, w)`` of all scenes, whatever ``output_type``: save them
-            to continue exactly with ``extend(context_latents=...)`` (decoded video re-encoded is not exact).
-    """
-
-    frames: Union[torch.Tensor, np.ndarray, List[List[PIL.Image.Image]]]
-    scene_frames: List[List[Any]]
-    latents: Optional[torch.Tensor] = None
-
-
-class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline):
+class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
     r"""Multi-scene text-to-video generation with Mask²DiT on CogVideoX (2b, 5b and 1.5 transformers).
 
     Takes the components of a `CogVideoXPipeline`; a plain `CogVideoXTransformer3DModel` is turned into a

@@ -16,8 +16,9 @@ from typing import Any, Dict
 
 from ..attention import attention_backend_names
 from ..cli_utils import DEVICE_CHOICES, fail
+from ..finished_scenes import RunStopped, report_stopped_run
 from ..optimization import add_optimization_arguments
-from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, is_main_process
+from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveTimeoutError, is_main_process
 from ..pipeline import DEFAULT_FPS
 from ..release_loading import OFFICIAL_MODEL_ID
 from .loading import DTYPES, SCHEDULERS, load_pipeline, wants_parallel
@@ -35,7 +36,8 @@ from .outputs import (
     recorded_settings,
     save_outputs,
 )
-from .scenes import extend_scenes, generate_scenes
+from .ditctrl import add_ditctrl_arguments, check_ditctrl_options
+from .scenes import ditctrl_scenes, extend_scenes, finished_scene_writer, generate_scenes
 
 
 def _progress_label(first: int, last: int, total: int, extension: bool = False) -> str:
@@ -45,21 +47,30 @@ def _progress_label(first: int, last: int, total: int, extension: bool = False) 
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    writer = None
     try:
         args.model = OFFICIAL_MODEL_ID if args.model is None else args.model
         args.fps = DEFAULT_FPS if args.fps is None else args.fps
         check_options(args)
+        check_ditctrl_options(args)
         prompts = read_prompts(args.prompt, args.prompts_file)
         pipe = load_pipeline(args, _progress_label(1, min(len(prompts), args.scenes_per_window), len(prompts)))
         check_model_options(pipe, args)
-        scenes, latents = generate_scenes(pipe, prompts, args)
+        if args.method == "ditctrl":  # training-free tiles: each prompt's tile, the whole video, no latents
+            (scenes, whole), latents = ditctrl_scenes(pipe, prompts, args), None
+        else:
+            writer = finished_scene_writer(pipe, args, len(prompts))
+            (scenes, latents), whole = generate_scenes(pipe, prompts, args, writer), None
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
-        save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args))
+        save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args), whole_video=whole)
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
+        return report_stopped_run("generate", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("generate", error)
+    latents_file = "" if latents is None else f"{LATENTS_FILE}, "
     print(f"Wrote {len(scenes)} scenes to {args.out}: {WHOLE_VIDEO_FILE}, scene_XX.mp4, {CONTACT_SHEET_FILE}, "
-          f"{PROMPTS_FILE}, {LATENTS_FILE}, {SETTINGS_FILE}")
+          f"{PROMPTS_FILE}, {latents_file}{SETTINGS_FILE}")
     return 0
 
 
@@ -87,6 +98,7 @@ def optimization_defaults() -> Dict[str, Any]:
 
 
 def run_extend(args: argparse.Namespace) -> int:
+    writer = None
     try:
         folder = read_output_folder(args.source)
         reuse_recorded_settings(args, read_settings(args.source))
@@ -97,12 +109,15 @@ def run_extend(args: argparse.Namespace) -> int:
         total = len(folder.scenes) + len(new_prompts)
         pipe = load_pipeline(args, _progress_label(len(folder.scenes) + 1, total, total, extension=True))
         check_model_options(pipe, args)
-        new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args)
+        writer = finished_scene_writer(pipe, args, len(new_prompts), first_scene=len(folder.scenes), extension=True)
+        new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args, writer)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         copied = dict(enumerate(folder.scene_paths))  # earlier scenes: their files, unchanged
         save_outputs(args.out, folder.scenes + new_scenes, folder.prompts + new_prompts, args.fps, latents, copied,
                      settings=recorded_settings(args))
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
+        return report_stopped_run("extend", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("extend", error)
     print(f"Wrote {len(folder.scenes)} + {len(new_prompts)} scenes to {args.out}")
@@ -228,6 +243,7 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     add_sampling_options(generate, MODEL_DEFAULTS)
     add_model_options(generate)
     generate.add_argument("--scenes-per-window", type=int, default=3, help="scenes the model sees at once, >= 2 (default: 3)")
+    add_ditctrl_arguments(generate)
     generate.set_defaults(func=ends_parallel(run_generate))
 
     extend = subparsers.add_parser(

@@ -103,6 +103,8 @@ def check_parallel_options(args: argparse.Namespace) -> None:
         )
     if args.offload not in (None, "none"):
         raise ValueError(f"`--offload {args.offload}` cannot be combined with `--ulysses-degree`/`--cfg-parallel`.")
+    if args.cfg_parallel and args.guidance is not None and args.guidance <= 1:  # a given value: refused before loading
+        raise ValueError(f"`--cfg-parallel` needs classifier-free guidance (`--guidance` > 1); got {args.guidance}.")
 
 
 def _valid_frame_counts(pipe) -> str:

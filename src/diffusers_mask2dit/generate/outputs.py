@@ -4,7 +4,8 @@ Every command writes ``scene_00.mp4``, ``scene_01.mp4``, ..., ``video.mp4`` (the
 re-encoding), ``contact_sheet.png`` (one row per scene, labelled with its prompt; scenes made by scene extension are
 marked), ``prompts.txt`` (one scene prompt per line), ``latents.safetensors`` (every scene's exact latents, which
 ``extend`` continues from) and ``settings.json`` (the model, LoRA and sampling settings, which ``extend --from``
-reuses). ``mask2dit evaluate`` reads these names.
+reuses). ``mask2dit evaluate`` reads these names. A parallel run stopped by a hung or dead process leaves only the
+scenes it finished: ``scene_XX.mp4`` and ``scene_XX.latents.safetensors`` (:mod:`..finished_scenes`).
 """
 
 from __future__ import annotations
@@ -109,8 +110,12 @@ def save_outputs(
     latents: Optional[SavedLatents] = None,
     copied: Optional[Dict[int, str]] = None,
     settings: Optional[Dict[str, Any]] = None,
+    whole_video: Optional[Any] = None,
 ) -> List[str]:
     """Write the standard output files for one video whose scenes are frames ``(F, H, W, 3)``; returns the paths.
+
+    ``whole_video`` (frames ``(F, H, W, 3)``) is written as the whole video instead of the scenes joined (DiTCtrl's
+    video holds transition tiles between its prompts' own tiles).
 
     ``latents`` adds ``latents.safetensors`` (and marks extended scenes on the contact sheet); ``settings`` adds
     ``settings.json`` (see :func:`recorded_settings`); ``copied`` maps a
@@ -133,7 +138,11 @@ def save_outputs(
     while os.path.isfile(os.path.join(folder, scene_file(stale))):
         os.remove(os.path.join(folder, scene_file(stale)))
         stale += 1
-    paths = [join_videos(scene_paths, os.path.join(folder, WHOLE_VIDEO_FILE))] + scene_paths
+    whole_path = os.path.join(folder, WHOLE_VIDEO_FILE)
+    if whole_video is None:
+        paths = [join_videos(scene_paths, whole_path)] + scene_paths
+    else:
+        paths = [write_video(whole_video, whole_path, fps=fps)] + scene_paths
     extended = latents.extended if latents is not None else [False] * len(scenes)
     labels = _scene_labels(prompts, extended)
     paths.append(contact_sheet(scenes, os.path.join(folder, CONTACT_SHEET_FILE), labels=labels, highlighted=extended))
@@ -147,6 +156,9 @@ def save_outputs(
             paths.append(save(path, content))
         elif os.path.exists(path):
             os.remove(path)  # it would describe another video
+    from ..finished_scenes import remove_scene_latents
+
+    remove_scene_latents(folder)  # a parallel run's scenes as they finished: now in latents.safetensors (or stale)
     return paths
 
 

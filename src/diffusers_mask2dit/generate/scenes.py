@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from .loading import wants_parallel
 from .outputs import LATENTS_FILE, OutputFolder, SavedLatents
 
 
@@ -19,7 +21,22 @@ def _generator(device: Any, seed: int):
     return torch.Generator(device="cpu" if getattr(device, "type", device) == "mps" else device).manual_seed(seed)
 
 
-def _call_options(args: argparse.Namespace) -> dict:
+def finished_scene_writer(pipe, args: argparse.Namespace, num_scenes: int, first_scene: int = 0,
+                          extension: bool = False) -> Optional[Any]:
+    """For parallel inference, the `FinishedSceneWriter` that puts each scene into ``--out`` as soon as its window is
+    done (a run stopped later by a hung or dead process keeps it); None for one process, whose outputs are written
+    once at the end as always. ``first_scene``: the first new scene's index in the output folder (``extend``)."""
+    from ..finished_scenes import FinishedSceneWriter, new_scenes_per_window
+    from ..generation_plan import scene_frame_counts
+
+    if not wants_parallel(args):
+        return None
+    counts = scene_frame_counts(pipe, args.frames, num_scenes, "--frames")
+    windows = [num_scenes] if extension else new_scenes_per_window(num_scenes, args.scenes_per_window)
+    return FinishedSceneWriter(args.out, [pipe.latent_frames(n) for n in counts], windows, first_scene, fps=args.fps)
+
+
+def _call_options(args: argparse.Namespace, writer: Optional[Any] = None) -> dict:
     """The pipeline's arguments from the options; those not given stay None: the model folder's defaults."""
     options = dict(
         negative_prompt=args.negative_prompt,
@@ -35,6 +52,8 @@ def _call_options(args: argparse.Namespace) -> dict:
     attention = {name: value for name, value in attention.items() if value is not None}
     if attention:
         options["attention_kwargs"] = attention
+    if writer is not None:
+        options["callback_on_step_end"] = writer
     return options
 
 
@@ -47,14 +66,24 @@ def _decode(pipe, scene_latents: Sequence[Any]) -> List[np.ndarray]:
     return list(scenes[0])
 
 
-def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace):
-    """All scenes of one video: one pass for up to ``--scenes-per-window`` prompts, then scene extension.
+def ditctrl_scenes(pipe, prompts: List[str], args: argparse.Namespace):
+    """One video by DiTCtrl's training-free tiles (``--method ditctrl``): each prompt's own tile and the whole video
+    with its transitions, frames ``(F, H, W, 3)`` in [0, 1]. No latents: `extend` continues Mask²DiT scenes."""
+    from .ditctrl import generate_ditctrl_video
+
+    options = {key: value for key, value in _call_options(args).items() if key not in ("num_frames", "output_type")}
+    return generate_ditctrl_video(pipe, prompts, args, _generator(pipe._execution_device, args.seed), **options)
+
+
+def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace, writer: Optional[Any] = None):
+    """All scenes of one video: one pass for up to ``--scenes-per-window`` prompts, then scene extension; ``writer``
+    (`finished_scene_writer`) writes each scene as its window finishes.
 
     Returns ``(scenes, latents)``: frames in [0, 1] per scene and the `SavedLatents` of the video.
     """
     import torch
 
-    options = _call_options(args)
+    options = _call_options(args, writer)
     if args.frames is not None and not pipe.is_valid_num_frames(args.frames):
         # The pipeline takes any count for one scene (as CogVideoXPipeline); written scenes must re-encode exactly.
         raise ValueError(
@@ -63,10 +92,11 @@ def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace):
         )
     generator = _generator(pipe._execution_device, args.seed)
     window = args.scenes_per_window
-    if len(prompts) <= window:
-        output = pipe(prompt=prompts, generator=generator, **options)
-    else:
-        output = pipe.generate_long(prompts, scenes_per_window=window, generator=generator, **options)
+    with writer.stop_on_sigterm() if writer is not None else contextlib.nullcontext():
+        if len(prompts) <= window:
+            output = pipe(prompt=prompts, generator=generator, **options)
+        else:
+            output = pipe.generate_long(prompts, scenes_per_window=window, generator=generator, **options)
     scene_latents = list(output.scene_frames[0])
     scenes = _decode(pipe, scene_latents)
     latents = SavedLatents(
@@ -94,8 +124,9 @@ def folder_latents(pipe, folder: OutputFolder) -> SavedLatents:
     return SavedLatents(latents, latent_frames, pixel_frames, [False] * len(folder.scenes))
 
 
-def extend_scenes(pipe, folder: OutputFolder, new_prompts: List[str], context_count: int, args: argparse.Namespace):
-    """New scenes conditioned on the last ``context_count`` scenes' latents.
+def extend_scenes(pipe, folder: OutputFolder, new_prompts: List[str], context_count: int, args: argparse.Namespace,
+                  writer: Optional[Any] = None):
+    """New scenes conditioned on the last ``context_count`` scenes' latents; ``writer`` as in `generate_scenes`.
 
     Returns ``(new scenes, SavedLatents of the whole longer video)``; the context latents in it are those the
     pipeline returns, which it keeps unchanged.
@@ -104,15 +135,16 @@ def extend_scenes(pipe, folder: OutputFolder, new_prompts: List[str], context_co
 
     saved = folder_latents(pipe, folder)
     context_frames = sum(saved.latent_frames[-context_count:])
-    output = pipe.extend(
-        prompt=new_prompts,
-        context_prompts=folder.prompts[-context_count:],
-        context_latents=saved.latents[:, saved.latents.shape[1] - context_frames :],
-        context_num_frames=saved.pixel_frames[-context_count:],
-        num_new_scenes=len(new_prompts),
-        generator=_generator(pipe._execution_device, args.seed),
-        **_call_options(args),  # --height/--width default to the context scenes' size
-    )
+    with writer.stop_on_sigterm() if writer is not None else contextlib.nullcontext():
+        output = pipe.extend(
+            prompt=new_prompts,
+            context_prompts=folder.prompts[-context_count:],
+            context_latents=saved.latents[:, saved.latents.shape[1] - context_frames :],
+            context_num_frames=saved.pixel_frames[-context_count:],
+            num_new_scenes=len(new_prompts),
+            generator=_generator(pipe._execution_device, args.seed),
+            **_call_options(args, writer),  # --height/--width default to the context scenes' size
+        )
     new_latents = list(output.scene_frames[0][context_count:])
     new_scenes = _decode(pipe, new_latents)
     earlier = saved.latents[:, : saved.latents.shape[1] - context_frames].to(output.frames)

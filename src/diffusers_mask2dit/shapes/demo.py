@@ -20,8 +20,9 @@ from ..generate.loading import finish_pipeline, from_pretrained, load_transforme
 from ..generate.options import check_model_options, check_options
 from ..generate.outputs import CONTACT_SHEET_FILE, LATENTS_FILE, PROMPTS_FILE, WHOLE_VIDEO_FILE, read_prompts
 from ..generate.outputs import recorded_settings, save_outputs
-from ..generate.scenes import generate_scenes
-from ..parallel import is_main_process
+from ..finished_scenes import RunStopped, report_stopped_run
+from ..generate.scenes import finished_scene_writer, generate_scenes
+from ..parallel import CollectiveTimeoutError, is_main_process
 from ..pipeline import DEFAULT_FPS
 from ..release_loading import GENERATION_DEFAULTS_FILE
 from .model import SHIPPED_MODEL_DIR, shipped_model_path
@@ -101,6 +102,7 @@ def demo_pipeline(args: argparse.Namespace):
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    writer = None
     try:
         prompts = demo_prompts(args)
         if is_main_process():
@@ -115,12 +117,15 @@ def run_demo(args: argparse.Namespace) -> int:
         pipe = demo_pipeline(args)
         check_model_options(pipe, args)
         # The first `--scenes-per-window` scenes come from one pass, the rest from scene extension.
-        scenes, latents = generate_scenes(pipe, prompts, args)
+        writer = finished_scene_writer(pipe, args, len(prompts))
+        scenes, latents = generate_scenes(pipe, prompts, args, writer)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         args.model = None if args.random_weights else shipped_model_path()
         settings = {**recorded_settings(args), "random_weights": args.random_weights}
         save_outputs(args.out, scenes, prompts, args.fps, latents, settings=settings)
+    except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
+        return report_stopped_run("demo", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("demo", error)
     how = f"{args.scenes_per_window} at once, then extended one at a time" if len(scenes) > args.scenes_per_window else "at once"

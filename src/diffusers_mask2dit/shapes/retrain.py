@@ -19,6 +19,9 @@ trainer itself resumes from its last checkpoint):
    the v2 mask with a longer stage 2 (``Recipe.shipped_sft_steps``): the model the package ships;
 6. ``model-<variant>/``: the base folder with the trained transformer, loadable by ``Mask2DiTPipeline``.
 
+``stock`` is a plain single-scene CogVideoX of this world (stage 1's settings and cache on one clip per sample,
+from the random transformer, no SFT): the base model of the training-free DiTCtrl comparison.
+
 The configs passed to ``mask2dit`` are written to ``configs/`` and the wall-clock of each step to
 ``timings.json``. All randomness is seeded; on the same software the result is the same.
 """
@@ -40,7 +43,8 @@ from . import world
 
 ABLATION_VARIANTS = ("v2", "v1", "v3", "full")  # one stage-2 budget for all: the ablation compares masks
 SHIPPED = "shipped"  # the v2 mask trained longer in stage 2: the package's model
-VARIANTS = (SHIPPED,) + ABLATION_VARIANTS
+STOCK = "stock"  # single clips, no scene mask: the plain CogVideoX that DiTCtrl-style sampling runs on
+VARIANTS = (SHIPPED,) + ABLATION_VARIANTS + (STOCK,)
 
 
 @dataclass
@@ -169,12 +173,19 @@ def stage_configs(run: Run, recipe: Recipe, variant: str) -> Dict[str, Dict[str,
     return {"pretrain": pretrain, "sft": sft}
 
 
+def stock_config(run: Run, recipe: Recipe) -> Dict[str, Any]:
+    """The ``stock`` model's training config: stage 1's settings on one clip per sample (no scene mask), from the
+    random base transformer. Stage 1's cache serves it: its records are single clips whatever ``num_scenes`` is."""
+    return dict(stage_configs(run, recipe, SHIPPED)["pretrain"], num_scenes=1, output_dir=run.path("train", STOCK))
+
+
 def assemble(run: Run, variant: str) -> None:
-    """``model-<variant>/``: the base folder with the SFT transformer of ``variant``, saved by the pipeline."""
+    """``model-<variant>/``: the base folder with the trained transformer of ``variant``, saved by the pipeline."""
     from ..pipeline import Mask2DiTPipeline
     from ..transformer import Mask2DiTTransformer3DModel
 
-    transformer = Mask2DiTTransformer3DModel.from_pretrained(run.path("train", f"sft-{variant}", "transformer"))
+    trained = run.path("train", STOCK if variant == STOCK else f"sft-{variant}", "transformer")
+    transformer = Mask2DiTTransformer3DModel.from_pretrained(trained)
     pipe = Mask2DiTPipeline.from_pretrained(run.path("base"), transformer=transformer)
     # The folder carries its sampling defaults (generation_defaults.json): `generate --model` uses them too.
     pipe.generation_defaults = {
@@ -210,20 +221,27 @@ def retrain(
              lambda: shapes_model.save_base_model(run.path("base"), run.path("vae", "vae"), seed=0))
     if stop_after == "base":
         return run.timings
-    configs = stage_configs(run, recipe, variants[0])
-    for stage in ("pretrain", "sft"):
+    only_stock = all(variant == STOCK for variant in variants)  # stage 1's clips only: no SFT cache, no stage 1
+    configs = stage_configs(run, recipe, next((variant for variant in variants if variant != STOCK), SHIPPED))
+    for stage in ("pretrain",) if only_stock else ("pretrain", "sft"):
         # Precompute reads the text length from the base transformer: the pretrained one does not exist yet.
         precompute = {key: value for key, value in configs[stage].items() if key != "transformer_path"}
         run.step(f"precompute {stage}", os.path.join(configs[stage]["cache_dir"], "cache_index.json"),
                  lambda precompute=precompute, stage=stage: run.mask2dit("precompute", precompute, f"precompute-{stage}"))
     if stop_after == "precompute":
         return run.timings
-    run.step("train pretrain", os.path.join(configs["pretrain"]["output_dir"], "transformer"),
-             lambda: run.mask2dit("train", configs["pretrain"], "train-pretrain"))
+    if not only_stock:
+        run.step("train pretrain", os.path.join(configs["pretrain"]["output_dir"], "transformer"),
+                 lambda: run.mask2dit("train", configs["pretrain"], "train-pretrain"))
     for variant in variants:
-        sft = stage_configs(run, recipe, variant)["sft"]
-        run.step(f"train sft {variant}", os.path.join(sft["output_dir"], "transformer"),
-                 lambda sft=sft, variant=variant: run.mask2dit("train", sft, f"train-sft-{variant}"))
+        if variant == STOCK:
+            stock = stock_config(run, recipe)
+            run.step(f"train {STOCK}", os.path.join(stock["output_dir"], "transformer"),
+                     lambda: run.mask2dit("train", stock, f"train-{STOCK}"))
+        else:
+            sft = stage_configs(run, recipe, variant)["sft"]
+            run.step(f"train sft {variant}", os.path.join(sft["output_dir"], "transformer"),
+                     lambda sft=sft, variant=variant: run.mask2dit("train", sft, f"train-sft-{variant}"))
         run.step(f"assemble {variant}", run.path(f"model-{variant}", "model_index.json"), lambda variant=variant: assemble(run, variant))
     return run.timings
 
@@ -251,11 +269,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="run folder (resumable)")
     parser.add_argument("--variants", nargs="+", default=[SHIPPED], choices=VARIANTS,
                         help="models to train (default: shipped, the v2 mask with the longer stage 2); "
-                             "v2 v1 v3 full: the ablation's masks at one equal budget")
+                             "v2 v1 v3 full: the ablation's masks at one equal budget; "
+                             "stock: single clips without scene mask (the DiTCtrl comparison's base model)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the training processes")
     parser.add_argument("--install", action="store_true", help="copy model-<first variant> into the package afterwards")
     parser.add_argument("--stop-after", choices=("base", "precompute"), default=None, help="end the run after this step")
     args = parser.parse_args(argv)
+    if args.install and args.variants[0] == STOCK:
+        parser.error("--install ships the first of --variants as the package's Mask²DiT model; it cannot be stock")
     timings = retrain(args.out, args.variants, args.threads, stop_after=args.stop_after)
     print(json.dumps(timings, indent=1))
     if args.install:
