@@ -71,7 +71,10 @@ def ditctrl_scenes(pipe, prompts: List[str], args: argparse.Namespace):
     with its transitions, frames ``(F, H, W, 3)`` in [0, 1]. No latents: `extend` continues Mask²DiT scenes."""
     from .ditctrl import generate_ditctrl_video
 
-    options = {key: value for key, value in _call_options(args).items() if key not in ("num_frames", "output_type")}
+    if args.max_sequence_length is not None:
+        raise ValueError("`--max-sequence-length` applies to --method mask2dit; DiTCtrl's tiles use the model's.")
+    excluded = ("num_frames", "output_type", "max_sequence_length")
+    options = {key: value for key, value in _call_options(args).items() if key not in excluded}
     return generate_ditctrl_video(pipe, prompts, args, _generator(pipe._execution_device, args.seed), **options)
 
 
