@@ -7,6 +7,7 @@ its sizes) are not counted as lines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -127,6 +128,8 @@ def without(argv, option, takes_value=True):
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+NO_ACCELERATOR = pytest.mark.skipif(torch.accelerator.is_available(), reason="needs a machine without an accelerator")
+NO_TORCHAO = pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="needs a machine without torchao")
 
 CASES = [
     # generate: values never silently replaced
@@ -161,6 +164,18 @@ CASES = [
     pytest.param(GEN + ["--lora", "{empty}"], "`--lora`: ", id="generate-lora-folder-without-weights"),
     pytest.param(GEN + ["--lora", "{file}"], "`--lora`: ", id="generate-lora-not-safetensors"),
     pytest.param(GEN + ["--lora-scale", "0.5"], "`--lora-scale` needs `--lora`", id="generate-lora-scale-alone"),
+    pytest.param(GEN + ["--lora", "{made}/latents.safetensors", "--lora-scale", "0.5", "--lora-scale", "1"], "`--lora-scale` is given 2 times for 1 `--lora`", id="generate-lora-scale-count"),
+    pytest.param(GEN + ["--compile", "fast"], "--compile: invalid choice: 'fast'", id="generate-compile"),
+    pytest.param(GEN + ["--quantize", "int4"], "--quantize: invalid choice: 'int4'", id="generate-quantize"),
+    pytest.param(GEN + ["--quantize", "nf4"], "--quantize nf4 needs bitsandbytes on a CUDA GPU", id="generate-quantize-bnb-without-cuda", marks=NO_CUDA),
+    pytest.param(GEN + ["--quantize", "int8"], "--quantize int8 needs torchao: pip install", id="generate-quantize-without-torchao", marks=NO_TORCHAO),
+    pytest.param(GEN + ["--offload", "sequential"], "--offload sequential moves weights between the CPU and an accelerator and this machine has none", id="generate-offload-without-gpu", marks=NO_ACCELERATOR),
+    pytest.param(GEN + ["--cpu-offload"], "--offload model moves weights", id="generate-cpu-offload-without-gpu", marks=NO_ACCELERATOR),
+    pytest.param(GEN + ["--cache", "fast"], "--cache must be one of none, first-block, pab, faster, taylorseer", id="generate-cache"),
+    pytest.param(GEN + ["--cache", "first-block:0"], "the first-block threshold must be a positive number", id="generate-cache-threshold"),
+    pytest.param(GEN + ["--attention-backend", "magic"], "`--attention-backend` must be one of ['auto', 'flash', 'sdpa', 'dense']", id="generate-attention-backend"),
+    pytest.param(GEN + ["--attention-backend", "flash"], "`--attention-backend flash` cannot run here: it needs a CUDA device", id="generate-attention-backend-flash-on-cpu", marks=NO_CUDA),
+    pytest.param(GEN + ["--max-sequence-length", "0"], "`--max-sequence-length` must be a positive number of text tokens", id="generate-max-sequence-length-0"),
     pytest.param(GEN + ["--transformer", "{root}/no_transformer"], "`--transformer`: folder", id="generate-transformer-missing"),
     pytest.param(GEN + ["--transformer", "{empty}"], "`--transformer`: ", id="generate-transformer-no-config"),
     pytest.param(GEN + ["--transformer", "{narrow_transformer}"], "`--transformer`: the transformer has text_embed_dim=16", id="generate-transformer-other-model"),
@@ -187,6 +202,8 @@ CASES = [
     pytest.param(EXT + ["--device", "tpu"], "`--device`", id="extend-device-tpu"),
     pytest.param(with_value(EXT, "--model", "./missing"), "`--model`: folder './missing' does not exist", id="extend-model-missing"),
     pytest.param(without(EXT, "--from"), "--from", id="extend-from-not-given"),
+    pytest.param(EXT + ["--offload", "model"], "--offload model moves weights", id="extend-offload-without-gpu", marks=NO_ACCELERATOR),
+    pytest.param(EXT + ["--cache", "pab:2"], "--cache must be one of", id="extend-cache"),
     # demo
     pytest.param(with_value(DEMO, "--steps", "0"), "`--steps`", id="demo-steps-0"),
     pytest.param(DEMO + ["--frames", "0"], "`--frames`", id="demo-frames-0"),
@@ -198,6 +215,8 @@ CASES = [
     pytest.param(DEMO + ["--prompt", "a red circle moves"], "is not of the form", id="demo-prompt-incomplete"),
     pytest.param(DEMO + ["--device", "tpu"], "`--device`", id="demo-device-tpu"),
     pytest.param(DEMO + ["--scheduler", "PNDMScheduler"], "`--scheduler`", id="demo-scheduler"),
+    pytest.param(DEMO + ["--offload", "group"], "--offload group moves weights", id="demo-offload-without-gpu", marks=NO_ACCELERATOR),
+    pytest.param(DEMO + ["--attention-backend", "none"], "`--attention-backend` must be one of", id="demo-attention-backend"),
     pytest.param(DEMO + ["--model", "{model}"], "--model", id="demo-has-no-model-option"),
     # evaluate
     pytest.param(with_value(EVAL, "--video", "{root}/nowhere"), "`--video`: ", id="evaluate-video-missing"),

@@ -125,8 +125,29 @@ def test_arguments_default_to_no_optimization_and_round_trip():
     assert optimizations_from_args(_args()) == dict(
         compile="off", quantize="none", offload="none", cache="none", vae_tiling=False, vae_slicing=False
     )
-    options = optimizations_from_args(_args("--compile", "blocks", "--quantize", "int8", "--cache", "first-block:0.1", "--vae-tiling"))
+    options = optimizations_from_args(
+        _args("--compile", "blocks", "--quantize", "fp8-layerwise", "--cache", "first-block:0.1", "--vae-tiling")
+    )
     assert options["compile"] == "blocks" and options["cache"] == "first-block:0.1" and options["vae_tiling"]
+    assert options["quantize"] == "fp8-layerwise"
+
+
+@pytest.mark.parametrize("quantize", ["int8", "fp8"])
+def test_torchao_recipes_need_torchao_or_are_refused_up_front(quantize, monkeypatch):
+    """With torchao the value passes the check; without it, one error names the option and the extra to install."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(
+            importlib.util, "find_spec",
+            lambda name, *rest: (object() if installed else None) if name == "torchao" else real_find_spec(name, *rest),
+        )
+        if installed:
+            assert optimizations_from_args(_args("--quantize", quantize))["quantize"] == quantize
+        else:
+            with pytest.raises(ValueError, match=f"--quantize {quantize} needs torchao: pip install"):
+                optimizations_from_args(_args("--quantize", quantize))
 
 
 @pytest.mark.parametrize(

@@ -256,7 +256,8 @@ def test_cli_under_torchrun_matches_one_process_and_only_rank_0_writes(tmp_path)
         (["--collective-timeout", "0"], {}, "`--collective-timeout` must be a whole number of seconds"),
         (["--ulysses-degree", "3"], {"WORLD_SIZE": "2"}, "`--ulysses-degree` (3) x 1 (`--cfg-parallel`) must equal"),
         (["--cfg-parallel", "--guidance", "1"], {"WORLD_SIZE": "2"}, "`--cfg-parallel` needs classifier-free"),
-        (["--cfg-parallel", "--cpu-offload"], {"WORLD_SIZE": "2"}, "`--cpu-offload` cannot be combined"),
+        (["--cfg-parallel", "--offload", "model"], {"WORLD_SIZE": "2"}, "`--offload model` cannot be combined"),
+        (["--cfg-parallel", "--cpu-offload"], {"WORLD_SIZE": "2"}, "`--offload model` cannot be combined"),
     ],
 )
 def test_cli_parallel_options_are_checked_before_loading(options, environment, message, tmp_path, monkeypatch, capsys):

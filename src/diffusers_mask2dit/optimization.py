@@ -22,6 +22,7 @@ Everything here is diffusers', torchao's or PyTorch's own machinery, chosen and 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -42,6 +43,7 @@ SKIP_MODULE_PATTERNS = (
 )
 
 _BNB_MODES = ("nf4", "int8-bnb")
+_TORCHAO_MODES = ("int8", "fp8")
 
 
 def _accelerator_available() -> bool:
@@ -90,6 +92,11 @@ def check_optimizations(
         raise ValueError(
             f"{names['quantize']} {quantize} needs bitsandbytes on a CUDA GPU and this machine has none; "
             "int8, fp8 and fp8-layerwise run without one."
+        )
+    if quantize in _TORCHAO_MODES and importlib.util.find_spec("torchao") is None:
+        raise ValueError(
+            f"{names['quantize']} {quantize} needs torchao: pip install 'diffusers-mask2dit[quantization]' "
+            "(fp8-layerwise runs without it)."
         )
     if offload != "none" and not _accelerator_available():
         hint = "--offload none" if cli else "offload='none'"

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
+from ..attention import attention_backend_names
 from ..cli_utils import DEVICE_CHOICES, fail
 from ..finished_scenes import RunStopped, report_stopped_run
+from ..optimization import add_optimization_arguments
 from ..parallel import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveTimeoutError, is_main_process
 from ..pipeline import DEFAULT_FPS
 from ..release_loading import OFFICIAL_MODEL_ID
@@ -75,6 +77,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def reuse_recorded_settings(args: argparse.Namespace, settings: Dict[str, Any]) -> None:
     """``extend --from``: each option left out takes the value the folder's run recorded (its model, LoRA, steps,
     guidance, mask, ...); then the usual defaults. A folder of the random-weight demo names no model."""
+    if args.lora is not None and args.lora_scale is None:  # new LoRAs: not the recorded LoRAs' scales
+        settings = {**settings, "lora_scale": None}
     for name in RECORDED_OPTIONS:
         if getattr(args, name, None) is None:
             setattr(args, name, settings.get(name))
@@ -83,6 +87,14 @@ def reuse_recorded_settings(args: argparse.Namespace, settings: Dict[str, Any]) 
                          "`--model`.")
     args.model = OFFICIAL_MODEL_ID if args.model is None else args.model
     args.fps = DEFAULT_FPS if args.fps is None else args.fps
+    for name, default in optimization_defaults().items():  # neither given nor recorded (an older folder)
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def optimization_defaults() -> Dict[str, Any]:
+    """``--compile``, ``--quantize``, ... as `add_optimization_arguments` defaults them (off, none, ...)."""
+    return vars(add_optimization_arguments(argparse.ArgumentParser()).parse_args([]))
 
 
 def run_extend(args: argparse.Namespace) -> int:
@@ -134,15 +146,27 @@ def add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> No
     parser.add_argument(
         "--transformer", help="a full fine-tune's transformer: the `mask2dit train` output folder or a transformer folder"
     )
-    parser.add_argument("--lora", help="LoRA to apply: a `mask2dit train` output folder, a .safetensors file or a Hub id")
-    parser.add_argument("--lora-scale", type=float, default=None, help="strength of --lora (default: 1.0)")
+    parser.add_argument(
+        "--lora", action="append", default=None,
+        help="LoRA to apply: a `mask2dit train` output folder, a .safetensors file or a Hub id; repeat to combine several",
+    )
+    parser.add_argument(
+        "--lora-scale", type=float, action="append", default=None,
+        help="strength of --lora (default: 1.0); with several --lora, one --lora-scale each, in the same order",
+    )
     parser.add_argument("--scheduler", help=f"diffusers scheduler class: {', '.join(SCHEDULERS)} (default: the model's)")
     parser.add_argument("--device", default="auto", help=f"torch device: {DEVICE_CHOICES} (default: auto = cuda if available)")
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="weights dtype (default: bf16 on cuda, fp32 on cpu)"
     )
-    parser.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (less GPU memory)")
-    parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles (less memory)")
+    parser.add_argument(
+        "--attention-backend", default=None,
+        help=f"scene attention backend: {', '.join(attention_backend_names())} (default: auto)",
+    )
+    add_optimization_arguments(parser)
+    parser.add_argument(  # the option's earlier name
+        "--cpu-offload", dest="offload", action="store_const", const="model", help="same as --offload model"
+    )
     parser.add_argument(
         "--ulysses-degree", type=int, default=1,
         help="under torchrun: processes (GPUs) that share each video's sequence, Ulysses context parallelism (default: 1)",
@@ -184,6 +208,10 @@ def add_sampling_options(parser: argparse.ArgumentParser, defaults: Dict[str, st
     parser.add_argument("--mask", default=None, help=f"scene attention mask: {MASK_CHOICES} (default: {defaults['mask']})")
     parser.add_argument(
         "--fps", type=int, default=None, help=f"frames per second of the written videos (default: {DEFAULT_FPS})"
+    )
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None,
+        help="text tokens per scene prompt, 1 to 226 for CogVideoX (default: the model's, 226)",
     )
 
 
@@ -235,4 +263,5 @@ def register_cli(subparsers: "argparse._SubParsersAction") -> None:
     )
     add_sampling_options(extend, {**MODEL_DEFAULTS, "steps": "as recorded in --from, else the model's"})
     add_model_options(extend)
-    extend.set_defaults(func=ends_parallel(run_extend))
+    # left out: as recorded in --from (see `reuse_recorded_settings`)
+    extend.set_defaults(func=ends_parallel(run_extend), **dict.fromkeys(optimization_defaults(), None))

@@ -1,16 +1,17 @@
 """Loading the pipeline a ``mask2dit generate`` / ``extend`` run asks for: model sources, dtypes, schedulers, a full
-fine-tune's transformer, LoRA, memory options and parallel inference."""
+fine-tune's transformer, LoRAs, memory and speed options (:mod:`..optimization`) and parallel inference."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE as LORA_WEIGHT_NAME  # what the trainer writes
 
 from ..cli_utils import check_device, one_line
+from ..optimization import apply_optimizations, optimizations_from_args
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # The schedulers diffusers' CogVideoX pipelines are made for (both read a CogVideoX scheduler config as it is).
@@ -114,14 +115,17 @@ def _check_transformer_fits(pipe, option: str) -> None:
             )
 
 
-def apply_lora(pipe, path: str, scale: Optional[float]) -> None:
-    """Load ``--lora`` into the pipeline's transformer and set its ``--lora-scale`` (default 1)."""
-    source, kwargs = lora_source(path)
-    try:
-        pipe.load_lora_weights(source, adapter_name=LORA_ADAPTER, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"`--lora`: could not apply {path!r} to this model: {one_line(error)}") from error
-    pipe.set_adapters([LORA_ADAPTER], [1.0 if scale is None else scale])
+def apply_loras(pipe, paths: List[str], scales: Optional[List[float]]) -> None:
+    """Load each ``--lora`` into the pipeline's transformer as its own adapter, active together with its
+    ``--lora-scale`` (default 1 each)."""
+    names = [LORA_ADAPTER if index == 0 else f"{LORA_ADAPTER}_{index}" for index in range(len(paths))]
+    for name, path in zip(names, paths):
+        source, kwargs = lora_source(path)
+        try:
+            pipe.load_lora_weights(source, adapter_name=name, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(f"`--lora`: could not apply {path!r} to this model: {one_line(error)}") from error
+    pipe.set_adapters(names, list(scales) if scales else [1.0] * len(paths))
 
 
 def finish_pipeline(pipe, args: argparse.Namespace, device: str, dtype, description: str):
@@ -140,14 +144,12 @@ def finish_pipeline(pipe, args: argparse.Namespace, device: str, dtype, descript
         pipe.scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
     if pipe.transformer.dtype != dtype:
         pipe.to(dtype=dtype)
-    if args.lora is not None:
-        apply_lora(pipe, args.lora, args.lora_scale)
-    if getattr(args, "cpu_offload", False):
-        pipe.enable_model_cpu_offload(device=device)
-    else:
+    if args.lora:
+        apply_loras(pipe, args.lora, args.lora_scale)
+    options = optimizations_from_args(args)
+    apply_optimizations(pipe, **options, device=torch.device(device))  # quantized on the CPU: less device memory
+    if options["offload"] == "none":  # offloading moves each model to the device when it runs
         pipe.to(device)
-    if getattr(args, "vae_tiling", False):
-        pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(desc=description)
     if wants_parallel(args):
         enable_parallel_inference(pipe, args.ulysses_degree, args.cfg_parallel)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Optional
+from typing import List, Optional
 
+from ..attention import check_backend_name, get_attention_backend
 from ..cli_utils import check_device
+from ..optimization import optimizations_from_args
 from ..parallel import launched_by_torchrun
-from .loading import SCHEDULERS, check_model_source, lora_source, transformer_folder, wants_parallel
+from .loading import SCHEDULERS, check_model_source, lora_source, resolve_device_dtype, transformer_folder, wants_parallel
 from .outputs import OutputFolder
 
 MASK_CHOICES = "v1, v2, v3 or full (or the authors' numbers 1, 2, 3, 5)"
@@ -48,8 +50,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"`--seed` must be a whole number from 0 to 2**64 - 1; got {args.seed}.")
     if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
         raise ValueError(f"`--guidance` must be a finite number >= 0 (<= 1 turns guidance off); got {args.guidance}.")
-    if args.lora_scale is not None and (args.lora is None or not math.isfinite(args.lora_scale)):
-        raise ValueError(f"`--lora-scale` needs `--lora` and a finite number; got {args.lora_scale}.")
+    _check_int(args, "max_sequence_length", 1, "a positive number of text tokens (226 for CogVideoX)")
+    _check_int(args, "num_videos", 1, "a whole number of videos >= 1")
+    check_lora_scales(args.lora, args.lora_scale)
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise ValueError(f"`--scheduler` must be one of {', '.join(SCHEDULERS)}; got {args.scheduler!r}.")
     if os.path.isfile(args.out):
@@ -60,9 +63,24 @@ def check_options(args: argparse.Namespace) -> None:
         check_model_source(args.model)
     if args.transformer is not None:
         transformer_folder(args.transformer)
-    if args.lora is not None:
-        lora_source(args.lora)
+    for lora in args.lora or ():
+        lora_source(lora)
+    if args.attention_backend is not None:
+        check_backend_name(args.attention_backend, "--attention-backend")
     check_parallel_options(args)
+    optimizations_from_args(args)  # --compile, --quantize, --offload, --cache: values and what this machine can run
+
+
+def check_lora_scales(loras: Optional[List[str]], scales: Optional[List[float]]) -> None:
+    """``--lora-scale``: finite, and none or one per ``--lora``."""
+    for scale in scales or ():
+        if not loras or not math.isfinite(scale):
+            raise ValueError(f"`--lora-scale` needs `--lora` and a finite number; got {scale}.")
+    if scales and len(scales) != len(loras):
+        raise ValueError(
+            f"`--lora-scale` is given {len(scales)} times for {len(loras)} `--lora`; give one --lora-scale per "
+            "--lora (in the same order) or none (1.0 each)."
+        )
 
 
 def check_parallel_options(args: argparse.Namespace) -> None:
@@ -83,8 +101,8 @@ def check_parallel_options(args: argparse.Namespace) -> None:
             f"`--ulysses-degree` ({args.ulysses_degree}) x {cfg_degree} (`--cfg-parallel`) must equal the number of "
             f"processes torchrun started ({processes})."
         )
-    if args.cpu_offload:
-        raise ValueError("`--cpu-offload` cannot be combined with `--ulysses-degree`/`--cfg-parallel`.")
+    if args.offload not in (None, "none"):
+        raise ValueError(f"`--offload {args.offload}` cannot be combined with `--ulysses-degree`/`--cfg-parallel`.")
     if args.cfg_parallel and args.guidance is not None and args.guidance <= 1:  # a given value: refused before loading
         raise ValueError(f"`--cfg-parallel` needs classifier-free guidance (`--guidance` > 1); got {args.guidance}.")
 
@@ -105,6 +123,7 @@ def check_model_options(pipe, args: argparse.Namespace) -> None:
             f"`--frames` must be a frame count this model's VAE decodes back exactly ({_valid_frame_counts(pipe)}); "
             f"got {args.frames}."
         )
+    check_backend_runs(pipe, args.attention_backend, resolve_device_dtype(args.device, args.dtype)[1])
     factor = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -114,6 +133,20 @@ def check_model_options(pipe, args: argparse.Namespace) -> None:
                 f"`--{name}` must be a positive multiple of {factor} pixels for this model; got {value} "
                 f"(nearest: {lower} and {lower + factor})."
             )
+
+
+def check_backend_runs(pipe, backend: Optional[str], dtype) -> None:
+    """``--attention-backend`` named explicitly must run on the pipeline's device and compute ``dtype`` (``auto``
+    finds one that does)."""
+    import torch
+
+    if backend in (None, "auto"):
+        return
+    head_dim = pipe.transformer.config.attention_head_dim
+    query = torch.empty(1, 1, 1, head_dim, device=pipe._execution_device, dtype=dtype)
+    reason = get_attention_backend(backend).unmet_constraint(query)
+    if reason is not None:
+        raise ValueError(f"`--attention-backend {backend}` cannot run here: {reason}; use `--attention-backend auto`.")
 
 
 def check_context_size(args: argparse.Namespace, folder: OutputFolder) -> None:

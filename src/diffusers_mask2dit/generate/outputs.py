@@ -164,16 +164,20 @@ def save_outputs(
 
 # What `extend --from` reuses from the run that wrote the folder when its own options leave them out (None).
 RECORDED_OPTIONS = ("model", "transformer", "lora", "lora_scale", "scheduler", "steps", "guidance", "mask",
-                    "negative_prompt", "fps")
+                    "negative_prompt", "fps", "max_sequence_length", "attention_backend", "compile", "quantize",
+                    "offload", "cache", "vae_tiling", "vae_slicing")
 
 
 def recorded_settings(args: Any) -> Dict[str, Any]:
     """The options of ``args`` that ``extend --from`` reuses (local paths made absolute, so they hold from any
     working folder); options not given are recorded as None (the model's defaults)."""
     settings = {name: getattr(args, name, None) for name in RECORDED_OPTIONS}
-    for name in ("model", "transformer", "lora"):
-        if settings[name] is not None and os.path.exists(settings[name]):
-            settings[name] = os.path.abspath(settings[name])
+    absolute = lambda path: os.path.abspath(path) if os.path.exists(path) else path  # noqa: E731
+    for name in ("model", "transformer"):
+        if settings[name] is not None:
+            settings[name] = absolute(settings[name])
+    if settings["lora"] is not None:  # one entry per --lora
+        settings["lora"] = [absolute(path) for path in settings["lora"]]
     return settings
 
 
@@ -198,7 +202,11 @@ def read_settings(folder: str) -> Dict[str, Any]:
         raise ValueError(f"`--from`: {path} is not valid JSON ({one_line(error)}); delete it or fix it.") from error
     if not isinstance(settings, dict):
         raise ValueError(f"`--from`: {path} must hold a JSON object of option names and values.")
-    return {name: settings[name] for name in RECORDED_OPTIONS + ("random_weights",) if name in settings}
+    recorded = {name: settings[name] for name in RECORDED_OPTIONS + ("random_weights",) if name in settings}
+    for name in ("lora", "lora_scale"):  # written as one value before several --lora were taken
+        if recorded.get(name) is not None and not isinstance(recorded[name], list):
+            recorded[name] = [recorded[name]]
+    return recorded
 
 
 def read_prompts(prompts: Optional[Sequence[str]], prompts_file: Optional[str], required: bool = True) -> List[str]:

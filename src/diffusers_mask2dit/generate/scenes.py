@@ -45,10 +45,13 @@ def _call_options(args: argparse.Namespace, writer: Optional[Any] = None) -> dic
         num_frames=args.frames,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        max_sequence_length=args.max_sequence_length,
         output_type="latent",  # decoded below: the exact latents are saved too
     )
-    if args.mask is not None:
-        options["attention_kwargs"] = {"scene_mask": args.mask}
+    attention = {"scene_mask": args.mask, "attention_backend": args.attention_backend}
+    attention = {name: value for name, value in attention.items() if value is not None}
+    if attention:
+        options["attention_kwargs"] = attention
     if writer is not None:
         options["callback_on_step_end"] = writer
     return options
@@ -68,7 +71,10 @@ def ditctrl_scenes(pipe, prompts: List[str], args: argparse.Namespace):
     with its transitions, frames ``(F, H, W, 3)`` in [0, 1]. No latents: `extend` continues Mask²DiT scenes."""
     from .ditctrl import generate_ditctrl_video
 
-    options = {key: value for key, value in _call_options(args).items() if key not in ("num_frames", "output_type")}
+    if args.max_sequence_length is not None:
+        raise ValueError("`--max-sequence-length` applies to --method mask2dit; DiTCtrl's tiles use the model's.")
+    excluded = ("num_frames", "output_type", "max_sequence_length")
+    options = {key: value for key, value in _call_options(args).items() if key not in excluded}
     return generate_ditctrl_video(pipe, prompts, args, _generator(pipe._execution_device, args.seed), **options)
 
 
