@@ -245,33 +245,9 @@ def write_lossless_mp4(frames: np.ndarray, path: str, fps: int = FPS) -> str:
     Training clips are lossless so that what the VAE and the trainer see is exactly the rendered world
     (``video_io.write_video``, used for generated videos, is a lossy yuv420p mp4).
     """
-    import imageio_ffmpeg
+    from ..data.writers import write_clip  # the same lossless RGB encoding as `mask2dit prepare-data` clips
 
-    frames = np.ascontiguousarray(frames, dtype=np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}")
-    writer = imageio_ffmpeg.write_frames(
-        tmp,
-        (frames.shape[2], frames.shape[1]),
-        fps=fps,
-        codec="libx264rgb",
-        pix_fmt_in="rgb24",
-        pix_fmt_out="rgb24",
-        quality=None,
-        macro_block_size=1,
-        output_params=["-qp", "0", "-preset", "veryfast", "-f", "mp4"],
-    )
-    try:
-        writer.send(None)
-        for frame in frames:
-            writer.send(frame)
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_clip(frames, path, fps, codec="lossless")
 
 
 def dataset_videos(seed: int, num_videos: int, num_scenes: int) -> Iterator[List[Scene]]:
