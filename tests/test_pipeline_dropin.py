@@ -164,3 +164,26 @@ def test_output_latents_let_extend_continue_exactly(pipe):
     assert torch.equal(extended.latents[:, :6], decoded.latents)
     np.testing.assert_array_equal(extended.frames[:, :18], decoded.frames)
     assert pipe(PROMPTS[:1], num_inference_steps=1, output_type="latent", return_dict=False)[0].shape == (1, 3, 4, 8, 8)
+
+
+@pytest.mark.parametrize("prompt", ["a cat walks", PROMPTS, [PROMPTS, PROMPTS[::-1]]], ids=["string", "scenes", "batch"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
+def test_encode_prompt_gives_the_embeddings_call_reads_as_the_same_prompt(pipe, prompt, guidance_scale):
+    """`encode_prompt(p)` is what `__call__(p)` encodes: a scene list is (B, n, L, D), never n one-scene videos."""
+    with torch.no_grad():
+        embeds, negative = pipe.encode_prompt(prompt, "blurry", do_classifier_free_guidance=guidance_scale > 1)
+    scenes = 1 if isinstance(prompt, str) else len(PROMPTS)
+    batch = 2 if isinstance(prompt[0], list) else 1
+    assert embeds.shape[:-2] == ((batch,) if scenes == 1 else (batch, scenes))
+    assert (negative is None) == (guidance_scale == 1.0) and (negative is None or negative.shape == embeds.shape)
+    kwargs = dict(num_inference_steps=2, guidance_scale=guidance_scale, output_type="latent")
+    from_text = pipe(prompt, negative_prompt="blurry", generator=gen(), **kwargs).frames
+    from_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=gen(), **kwargs).frames
+    assert torch.equal(from_embeds, from_text)
+
+
+def test_encode_prompt_refuses_ragged_scene_lists(pipe):
+    with pytest.raises(ValueError, match="same number of scenes"):
+        pipe.encode_prompt([PROMPTS, PROMPTS[:2]])
+    with pytest.raises(ValueError, match="`negative_prompt` must be"):
+        pipe.encode_prompt(PROMPTS, ["blurry", "dark"])

@@ -50,8 +50,10 @@ from .pipeline_inputs import (
     ScenePrompts,
     check_frame_counts,
     check_options,
-        check_sampling,
+    check_sampling,
+    negative_prompt_lists,
     pixel_scene,
+    scene_prompt_lists,
 )
 from .release_loading import OFFICIAL_MODEL_ID, Mask2DiTLoadingMixin
 from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, scene_rotary_emb
@@ -177,8 +179,8 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
 
         def encode(texts: Tuple[str, ...]) -> torch.Tensor:  # one text-encoder run per distinct batch of texts
             if texts not in encoded:
-                encoded[texts] = self.encode_prompt(
-                    list(texts), do_classifier_free_guidance=False, num_videos_per_prompt=num_videos_per_prompt,
+                encoded[texts] = CogVideoXPipeline.encode_prompt(  # the stock rule: a list is a batch
+                    self, list(texts), do_classifier_free_guidance=False, num_videos_per_prompt=num_videos_per_prompt,
                     max_sequence_length=max_sequence_length, device=device, dtype=dtype,
                 )[0]
             return encoded[texts]
@@ -192,6 +194,44 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
         if per_scene:
             return positive, negative, text_lengths
         return torch.cat(positive, dim=1), None if negative is None else torch.cat(negative, dim=1), text_lengths
+
+    def encode_prompt(
+        self,
+        prompt: ScenePrompts,
+        negative_prompt: Optional[ScenePrompts] = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        max_sequence_length: int = 226,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Encode ``prompt`` in the layout ``__call__`` reads it, so ``pipe(prompt_embeds=pipe.encode_prompt(p)[0])``
+        makes the video ``pipe(p)`` makes.
+
+        Args:
+            prompt: a string (one scene), a list with one prompt per scene (one video) or a list of such lists.
+            negative_prompt: as in ``__call__``: a string for every scene, one per scene, or one list per sample.
+
+        Returns:
+            ``(prompt_embeds, negative_prompt_embeds)``: for a string ``(num_videos_per_prompt, L, D)`` exactly as
+            `CogVideoXPipeline.encode_prompt`; for scene lists ``(B * num_videos_per_prompt, n, L, D)``, the n scenes
+            of each of the B videos. The negative ones have the same shape (None without guidance). Given
+            ``prompt_embeds``, the stock method's rules apply.
+        """
+        if isinstance(prompt, str) or prompt_embeds is not None:
+            return CogVideoXPipeline.encode_prompt(
+                self, prompt, negative_prompt, do_classifier_free_guidance, num_videos_per_prompt, prompt_embeds,
+                negative_prompt_embeds, max_sequence_length, device, dtype,
+            )
+        prompts = scene_prompt_lists(prompt, "prompt")
+        negatives = negative_prompt_lists(negative_prompt, len(prompts), len(prompts[0]))
+        positive, negative, _ = self.encode_scene_prompts(
+            prompts, negatives, do_classifier_free_guidance, num_videos_per_prompt, max_sequence_length, device,
+            dtype, per_scene=True,
+        )
+        return torch.stack(positive, dim=1), None if negative is None else torch.stack(negative, dim=1)
 
     @torch.no_grad()
     def encode_video_scenes(
@@ -474,8 +514,7 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
                 ``sample_frames`` (49). One scene takes any count `CogVideoXPipeline` takes; several scenes need
                 counts `is_valid_num_frames` accepts (1, 9, ..., 49 for CogVideoX).
             prompt_embeds, negative_prompt_embeds: instead of prompts, per-scene embeddings ``(B, n, L, D)``, or
-                ``(B, L, D)`` for one scene (as `encode_prompt` returns them: B one-scene videos, so `encode_prompt`
-                of n scene prompts gives n videos; ``embeds[None]`` is one video of n scenes). Without
+                ``(B, L, D)`` for one scene: what `encode_prompt` returns for the same ``prompt``. Without
                 ``negative_prompt_embeds``, guidance encodes ``negative_prompt`` (default "").
             attention_kwargs: ``scene_mask`` ("v1", "v2", "v3", "full"), ``attention_backend`` and LoRA ``scale``.
             latents: initial noise ``(B * num_videos_per_prompt, F_latent, C, height / 8, width / 8)``.

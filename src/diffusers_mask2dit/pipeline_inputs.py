@@ -113,12 +113,12 @@ def scene_embeddings(
 ) -> Tuple[torch.Tensor, List[int]]:
     """Prompt embeddings -> ``(B * num_videos_per_prompt, n * L, D)`` and the text length of each scene.
 
-    ``(B, n, L, D)`` holds n scenes; ``(B, L, D)`` (what `encode_prompt` returns) is one scene.
+    ``(B, n, L, D)`` holds n scenes (`encode_prompt` of scene lists); ``(B, L, D)`` (of a string) is one scene.
     """
     if not torch.is_tensor(embeds) or embeds.dim() not in (3, 4):
         raise ValueError(
-            f"`{name}` must be a tensor (batch, num_scenes, tokens, dim), or (batch, tokens, dim) for one scene as "
-            f"`encode_prompt` returns it; got {_describe(embeds)}."
+            f"`{name}` must be a tensor (batch, num_scenes, tokens, dim), or (batch, tokens, dim) for one scene, as "
+            f"`encode_prompt` returns them; got {_describe(embeds)}."
         )
     if embeds.dim() == 3:
         embeds = embeds[:, None]
