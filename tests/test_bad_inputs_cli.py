@@ -151,6 +151,9 @@ CASES = [
     pytest.param(GEN + ["--seed", "-1"], "`--seed`", id="generate-seed-negative"),
     pytest.param(GEN + ["--seed", str(2**64)], "`--seed`", id="generate-seed-too-large"),
     pytest.param(GEN + ["--scenes-per-window", "1"], "`--scenes-per-window`", id="generate-window-1"),
+    pytest.param(GEN + ["--num-videos", "0"], "`--num-videos` must be a whole number of videos >= 1; got 0", id="generate-num-videos-0"),
+    pytest.param(EXT + ["--num-videos", "-1"], "`--num-videos` must be a whole number of videos >= 1", id="extend-num-videos-negative"),
+    pytest.param(GEN + ["--num-videos", "2", "--method", "ditctrl"], "`--num-videos` applies to --method mask2dit", id="generate-num-videos-ditctrl"),
     pytest.param(GEN + ["--dtype", "fp64"], "--dtype", id="generate-dtype"),
     pytest.param(GEN + ["--device", "cuda"], "`--device cuda`: this machine has no CUDA device", id="generate-device-cuda", marks=NO_CUDA),
     pytest.param(GEN + ["--device", "tpu"], "`--device` must be auto, cpu, cuda, cuda:N, mps or xpu; got 'tpu'", id="generate-device-tpu"),
@@ -295,3 +298,24 @@ def test_saved_folder_is_what_the_cases_rely_on(files):
     folder = read_output_folder(files["made"])
     assert folder.prompts == ["a cat", "a dog"] and folder.latents is not None
     assert json.dumps(folder.latents.pixel_frames) == "[9, 9]"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-videos", "2"], "`--num-videos` makes one video per run under `--ulysses-degree`"),
+    (["--offload", "model"], "`--offload model` cannot be combined with `--ulysses-degree`"),
+])
+def test_parallel_runs_refuse_what_one_video_per_process_group_cannot_do(monkeypatch, extra, message):
+    """Under torchrun (its variables set), options that a parallel run cannot honour are refused by name."""
+    from diffusers_mask2dit import cli
+    from diffusers_mask2dit.generate.options import check_parallel_options
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    args = cli.build_parser().parse_args(["generate", "--out", "x", "--ulysses-degree", "2"] + extra)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_parallel_options(args)
+    args = cli.build_parser().parse_args(["generate", "--out", "x", "--ulysses-degree", "2"])
+    check_parallel_options(args)  # the same run without them is fine

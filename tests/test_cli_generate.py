@@ -239,3 +239,33 @@ def test_example_scripts_run_on_a_local_model(model, tmp_path, monkeypatch, scri
     with open(out / "prompts.txt", encoding="utf-8") as handle:
         assert len(handle.read().splitlines()) == scenes
     assert read_video(str(out / "video.mp4")).shape == (9 * scenes, 64, 64, 3)
+
+
+def test_num_videos_writes_one_folder_per_video_as_the_python_api_batch(model, pipe, tmp_path):
+    """`--num-videos 2`: out/video_00 and out/video_01, each a whole output folder holding one video of the batch
+    `num_videos_per_prompt=2` makes; `extend --from` one of them continues that video, and `extend --num-videos 2`
+    makes two continuations of the same context."""
+    prompts = ["a cat walks on the beach", "a dog runs through the grass"]
+    out = tmp_path / "out"
+    argv = ["generate", "--model", model, "--out", str(out), "--seed", "4", "--num-videos", "2"]
+    assert cli.main(argv + sum([["--prompt", p] for p in prompts], []) + TINY_ARGS) == 0
+    assert sorted(os.listdir(out)) == ["video_00", "video_01"]
+    for index in range(2):
+        assert_outputs(out / f"video_{index:02d}", prompts)
+    api = pipe(prompt=prompts, num_frames=9, num_inference_steps=2, num_videos_per_prompt=2, output_type="latent",
+               generator=torch.Generator().manual_seed(4)).frames
+    assert torch.equal(saved_latents(out / "video_00")[0], api[0]) and torch.equal(saved_latents(out / "video_01")[0], api[1])
+    assert not torch.equal(api[0], api[1])  # each video from its own noise
+
+    extended = tmp_path / "extended"
+    argv = ["extend", "--from", str(out / "video_01"), "--prompt", "a bird", "--out", str(extended), "--num-videos", "2",
+            "--seed", "5"]
+    assert cli.main(argv) == 0
+    continued = [saved_latents(extended / f"video_{index:02d}") for index in range(2)]
+    for latents in continued:  # both continue video_01, bit for bit; the new scenes differ
+        assert torch.equal(latents[:, :6], saved_latents(out / "video_01"))
+    assert not torch.equal(continued[0][:, 6:], continued[1][:, 6:])
+    reference = pipe.extend(prompt="a bird", context_prompts=prompts, context_latents=saved_latents(out / "video_01"),
+                            num_inference_steps=2, num_videos_per_prompt=2, output_type="latent",
+                            generator=torch.Generator().manual_seed(5)).frames
+    assert torch.equal(torch.cat(continued), reference)

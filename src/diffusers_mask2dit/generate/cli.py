@@ -35,6 +35,7 @@ from .outputs import (
     read_settings,
     recorded_settings,
     save_outputs,
+    video_folder,
 )
 from .ditctrl import add_ditctrl_arguments, check_ditctrl_options
 from .scenes import ditctrl_scenes, extend_scenes, finished_scene_writer, generate_scenes
@@ -58,18 +59,22 @@ def run_generate(args: argparse.Namespace) -> int:
         check_model_options(pipe, args)
         if args.method == "ditctrl":  # training-free tiles: each prompt's tile, the whole video, no latents
             (scenes, whole), latents = ditctrl_scenes(pipe, prompts, args), None
+            videos = [(scenes, None)]
         else:
             writer = finished_scene_writer(pipe, args, len(prompts))
-            (scenes, latents), whole = generate_scenes(pipe, prompts, args, writer), None
+            videos, whole = generate_scenes(pipe, prompts, args, writer), None
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
-        save_outputs(args.out, scenes, prompts, args.fps, latents, settings=recorded_settings(args), whole_video=whole)
+        for index, (scenes, latents) in enumerate(videos):
+            save_outputs(video_folder(args.out, index, len(videos)), scenes, prompts, args.fps, latents,
+                         settings=recorded_settings(args), whole_video=whole)
     except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
         return report_stopped_run("generate", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("generate", error)
     latents_file = "" if latents is None else f"{LATENTS_FILE}, "
-    print(f"Wrote {len(scenes)} scenes to {args.out}: {WHOLE_VIDEO_FILE}, scene_XX.mp4, {CONTACT_SHEET_FILE}, "
+    where = args.out if len(videos) == 1 else f"{len(videos)} folders {video_folder(args.out, 0, len(videos))}, ..."
+    print(f"Wrote {len(scenes)} scenes to {where}: {WHOLE_VIDEO_FILE}, scene_XX.mp4, {CONTACT_SHEET_FILE}, "
           f"{PROMPTS_FILE}, {latents_file}{SETTINGS_FILE}")
     return 0
 
@@ -110,17 +115,19 @@ def run_extend(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args, _progress_label(len(folder.scenes) + 1, total, total, extension=True))
         check_model_options(pipe, args)
         writer = finished_scene_writer(pipe, args, len(new_prompts), first_scene=len(folder.scenes), extension=True)
-        new_scenes, latents = extend_scenes(pipe, folder, new_prompts, context_count, args, writer)
+        videos = extend_scenes(pipe, folder, new_prompts, context_count, args, writer)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         copied = dict(enumerate(folder.scene_paths))  # earlier scenes: their files, unchanged
-        save_outputs(args.out, folder.scenes + new_scenes, folder.prompts + new_prompts, args.fps, latents, copied,
-                     settings=recorded_settings(args))
+        for index, (new_scenes, latents) in enumerate(videos):
+            save_outputs(video_folder(args.out, index, len(videos)), folder.scenes + new_scenes,
+                         folder.prompts + new_prompts, args.fps, latents, copied, settings=recorded_settings(args))
     except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
         return report_stopped_run("extend", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
         return fail("extend", error)
-    print(f"Wrote {len(folder.scenes)} + {len(new_prompts)} scenes to {args.out}")
+    where = args.out if len(videos) == 1 else f"{len(videos)} folders {video_folder(args.out, 0, len(videos))}, ..."
+    print(f"Wrote {len(folder.scenes)} + {len(new_prompts)} scenes to {where}")
     return 0
 
 
@@ -208,6 +215,11 @@ def add_sampling_options(parser: argparse.ArgumentParser, defaults: Dict[str, st
     parser.add_argument("--mask", default=None, help=f"scene attention mask: {MASK_CHOICES} (default: {defaults['mask']})")
     parser.add_argument(
         "--fps", type=int, default=None, help=f"frames per second of the written videos (default: {DEFAULT_FPS})"
+    )
+    parser.add_argument(
+        "--num-videos", type=int, default=1,
+        help="videos from the same prompts, each from its own noise, made as one batch; with N > 1 each goes to its "
+        "own output folder, --out/video_00, --out/video_01, ... (default: 1: the files go to --out itself)",
     )
     parser.add_argument(
         "--max-sequence-length", type=int, default=None,

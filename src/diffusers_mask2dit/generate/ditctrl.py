@@ -68,3 +68,5 @@ def check_ditctrl_options(args: argparse.Namespace) -> None:
         raise ValueError("`--frames` sets a Mask²DiT scene's length; with `--method ditctrl` use `--tile-frames`.")
     if getattr(args, "ulysses_degree", 1) > 1 or getattr(args, "cfg_parallel", False):
         raise ValueError("`--method ditctrl` runs in one process: leave out `--ulysses-degree` and `--cfg-parallel`.")
+    if getattr(args, "num_videos", 1) > 1:
+        raise ValueError("`--num-videos` applies to --method mask2dit; `--method ditctrl` makes one video per run.")

@@ -103,6 +103,8 @@ def check_parallel_options(args: argparse.Namespace) -> None:
         )
     if args.offload not in (None, "none"):
         raise ValueError(f"`--offload {args.offload}` cannot be combined with `--ulysses-degree`/`--cfg-parallel`.")
+    if getattr(args, "num_videos", 1) > 1:  # each finished scene is written as one video's as its window ends
+        raise ValueError("`--num-videos` makes one video per run under `--ulysses-degree`/`--cfg-parallel`; leave it out.")
     if args.cfg_parallel and args.guidance is not None and args.guidance <= 1:  # a given value: refused before loading
         raise ValueError(f"`--cfg-parallel` needs classifier-free guidance (`--guidance` > 1); got {args.guidance}.")
 

@@ -29,6 +29,12 @@ LATENTS_FORMAT = "mask2dit-latents-1"
 SETTINGS_FILE = "settings.json"
 
 
+def video_folder(out: str, index: int, num_videos: int) -> str:
+    """Where video ``index`` of a run of ``num_videos`` (``--num-videos``) goes: ``out`` itself for one video, else
+    ``out/video_00``, ``out/video_01``, ...: each a whole output folder that ``extend --from`` takes."""
+    return out if num_videos == 1 else os.path.join(out, f"video_{index:02d}")
+
+
 def scene_file(index: int) -> str:
     """``scene_00.mp4``, ``scene_01.mp4``, ... (two digits, from 0)."""
     return f"scene_{index:02d}.mp4"

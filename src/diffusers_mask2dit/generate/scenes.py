@@ -46,6 +46,7 @@ def _call_options(args: argparse.Namespace, writer: Optional[Any] = None) -> dic
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length,
+        num_videos_per_prompt=getattr(args, "num_videos", 1),
         output_type="latent",  # decoded below: the exact latents are saved too
     )
     attention = {"scene_mask": args.mask, "attention_backend": args.attention_backend}
@@ -79,10 +80,10 @@ def ditctrl_scenes(pipe, prompts: List[str], args: argparse.Namespace):
 
 
 def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace, writer: Optional[Any] = None):
-    """All scenes of one video: one pass for up to ``--scenes-per-window`` prompts, then scene extension; ``writer``
-    (`finished_scene_writer`) writes each scene as its window finishes.
+    """All scenes of ``--num-videos`` videos (one batch): one pass for up to ``--scenes-per-window`` prompts, then
+    scene extension; ``writer`` (`finished_scene_writer`) writes each scene as its window finishes.
 
-    Returns ``(scenes, latents)``: frames in [0, 1] per scene and the `SavedLatents` of the video.
+    Returns one ``(scenes, latents)`` per video: frames in [0, 1] per scene and the `SavedLatents` of the video.
     """
     import torch
 
@@ -100,15 +101,17 @@ def generate_scenes(pipe, prompts: List[str], args: argparse.Namespace, writer: 
             output = pipe(prompt=prompts, generator=generator, **options)
         else:
             output = pipe.generate_long(prompts, scenes_per_window=window, generator=generator, **options)
-    scene_latents = list(output.scene_frames[0])
-    scenes = _decode(pipe, scene_latents)
-    latents = SavedLatents(
-        latents=torch.cat(scene_latents, dim=0)[None],
-        latent_frames=[s.shape[0] for s in scene_latents],
-        pixel_frames=[len(scene) for scene in scenes],
-        extended=[index >= window for index in range(len(prompts))],
-    )
-    return scenes, latents
+    videos = []
+    for scene_latents in output.scene_frames:  # each video decoded on its own: a batch's VAE memory is one video's
+        scenes = _decode(pipe, list(scene_latents))
+        latents = SavedLatents(
+            latents=torch.cat(list(scene_latents), dim=0)[None],
+            latent_frames=[s.shape[0] for s in scene_latents],
+            pixel_frames=[len(scene) for scene in scenes],
+            extended=[index >= window for index in range(len(prompts))],
+        )
+        videos.append((scenes, latents))
+    return videos
 
 
 def folder_latents(pipe, folder: OutputFolder) -> SavedLatents:
@@ -129,10 +132,11 @@ def folder_latents(pipe, folder: OutputFolder) -> SavedLatents:
 
 def extend_scenes(pipe, folder: OutputFolder, new_prompts: List[str], context_count: int, args: argparse.Namespace,
                   writer: Optional[Any] = None):
-    """New scenes conditioned on the last ``context_count`` scenes' latents; ``writer`` as in `generate_scenes`.
+    """New scenes conditioned on the last ``context_count`` scenes' latents, ``--num-videos`` continuations of the
+    same context (one batch); ``writer`` as in `generate_scenes`.
 
-    Returns ``(new scenes, SavedLatents of the whole longer video)``; the context latents in it are those the
-    pipeline returns, which it keeps unchanged.
+    Returns one ``(new scenes, SavedLatents of the whole longer video)`` per continuation; the context latents in it
+    are those the pipeline returns, which it keeps unchanged.
     """
     import torch
 
@@ -148,13 +152,16 @@ def extend_scenes(pipe, folder: OutputFolder, new_prompts: List[str], context_co
             generator=_generator(pipe._execution_device, args.seed),
             **_call_options(args, writer),  # --height/--width default to the context scenes' size
         )
-    new_latents = list(output.scene_frames[0][context_count:])
-    new_scenes = _decode(pipe, new_latents)
     earlier = saved.latents[:, : saved.latents.shape[1] - context_frames].to(output.frames)
-    latents = SavedLatents(
-        latents=torch.cat([earlier, output.frames[:1]], dim=1),
-        latent_frames=saved.latent_frames + [s.shape[0] for s in new_latents],
-        pixel_frames=saved.pixel_frames + [len(scene) for scene in new_scenes],
-        extended=saved.extended + [True] * len(new_prompts),
-    )
-    return new_scenes, latents
+    videos = []
+    for index, window_latents in enumerate(output.scene_frames):
+        new_latents = list(window_latents[context_count:])
+        new_scenes = _decode(pipe, new_latents)
+        latents = SavedLatents(
+            latents=torch.cat([earlier, output.frames[index : index + 1]], dim=1),
+            latent_frames=saved.latent_frames + [s.shape[0] for s in new_latents],
+            pixel_frames=saved.pixel_frames + [len(scene) for scene in new_scenes],
+            extended=saved.extended + [True] * len(new_prompts),
+        )
+        videos.append((new_scenes, latents))
+    return videos

@@ -19,7 +19,7 @@ from ..generate.cli import add_model_options, add_sampling_options, ends_paralle
 from ..generate.loading import finish_pipeline, from_pretrained, load_transformer, resolve_device_dtype
 from ..generate.options import check_model_options, check_options
 from ..generate.outputs import CONTACT_SHEET_FILE, LATENTS_FILE, PROMPTS_FILE, WHOLE_VIDEO_FILE, read_prompts
-from ..generate.outputs import recorded_settings, save_outputs
+from ..generate.outputs import recorded_settings, save_outputs, video_folder
 from ..finished_scenes import RunStopped, report_stopped_run
 from ..generate.scenes import finished_scene_writer, generate_scenes
 from ..parallel import CollectiveTimeoutError, is_main_process
@@ -118,12 +118,13 @@ def run_demo(args: argparse.Namespace) -> int:
         check_model_options(pipe, args)
         # The first `--scenes-per-window` scenes come from one pass, the rest from scene extension.
         writer = finished_scene_writer(pipe, args, len(prompts))
-        scenes, latents = generate_scenes(pipe, prompts, args, writer)
+        videos = generate_scenes(pipe, prompts, args, writer)
         if not is_main_process():  # parallel inference: every process holds the video; the first writes it
             return 0
         args.model = None if args.random_weights else shipped_model_path()
         settings = {**recorded_settings(args), "random_weights": args.random_weights}
-        save_outputs(args.out, scenes, prompts, args.fps, latents, settings=settings)
+        for index, (scenes, latents) in enumerate(videos):
+            save_outputs(video_folder(args.out, index, len(videos)), scenes, prompts, args.fps, latents, settings=settings)
     except (CollectiveTimeoutError, RunStopped) as error:  # parallel inference: a process hung or died
         return report_stopped_run("demo", error, writer)
     except (ValueError, OSError) as error:  # bad input, missing files or model
