@@ -102,3 +102,46 @@ def test_compiled_pipeline_call_and_extend_match_eager_and_new_prompts_recompile
     assert graphs > 0
     _pipeline_runs(pipe, ["a red square moves up", "a fish swims", "a boat sails"])
     assert counter.frame_count == graphs
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])  # "full" is one unmasked SDPA call, no scene groups
+def test_cuda_flash_path_traces_fullgraph_forward_and_backward(monkeypatch, variant):
+    """The ``"flash"`` backend's code (varlen packing, cu_seqlens, LSE merging, PyTorch's varlen FlashAttention op)
+    compiles with ``fullgraph=True``, forward and backward. No GPU here: the backend is allowed on the CPU, and the
+    captured graphs run on fake tensors (shapes only; FlashAttention has no CPU kernel). A graph break, e.g. an
+    import or `inspect` call inside the forward, would raise."""
+    import dataclasses
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffusers_mask2dit import attention
+    from diffusers_mask2dit.layout import SceneLayout
+
+    if attention._FLASH_ATTN is not None:
+        pytest.skip("flash-attn is installed: the GPU script covers its kernels")
+    flash = attention.get_attention_backend("flash")
+    allowed_here = dataclasses.replace(flash, unavailable=lambda device: None, device_types=None)
+    monkeypatch.setitem(attention._ATTENTION_BACKENDS, "flash", allowed_here)
+    graphs = []
+
+    def shapes_only(graph_module, example_inputs):
+        graphs.append(graph_module)
+
+        def run(*args):
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                return graph_module(*[mode.from_tensor(a) if torch.is_tensor(a) else a for a in args])
+
+        return run
+
+    layout = SceneLayout((4, 4, 4), (8, 12, 8))
+    query, key, value = (torch.randn(2, 2, layout.total, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(attention.scene_attention, fullgraph=True,
+                             backend=aot_autograd(fw_compiler=shapes_only, bw_compiler=shapes_only))
+    out = compiled(query, key, value, layout, variant, "flash")
+    assert out.shape == query.shape and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    targets = [[str(node.target) for node in graph.graph.nodes] for graph in graphs]
+    assert len(graphs) == 2  # one forward graph, one backward graph
+    assert any("_flash_attention_forward" in target for target in targets[0])
+    assert any("_flash_attention_backward" in target for target in targets[1])

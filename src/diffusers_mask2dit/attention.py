@@ -154,7 +154,7 @@ def _kernel_for(tensor: torch.Tensor, backend: str):
 # --------------------------------------------------------------------------------------------------
 
 
-def _flash_attn_package():
+def _import_flash_attn():
     try:
         from flash_attn import flash_attn_interface  # type: ignore
 
@@ -163,20 +163,43 @@ def _flash_attn_package():
         return None
 
 
-def _call_with_supported_kwargs(fn: Callable, *args, **kwargs):
-    """flash-attn renamed its private arguments across releases; pass only those this release takes."""
+def _accepted_kwargs(interface, names: Sequence[str]) -> Dict[str, Optional[frozenset]]:
+    """The keyword arguments each of flash-attn's ``names`` takes (None: unknown, pass all): flash-attn renamed its
+    private arguments across releases."""
     import inspect
 
-    params = inspect.signature(fn).parameters
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+    accepted = {}
+    for name in names:
+        try:
+            accepted[name] = frozenset(inspect.signature(getattr(interface, name)).parameters)
+        except (TypeError, ValueError):  # a compiled or wrapped function without a readable signature
+            accepted[name] = None
+    return accepted
+
+
+# Imported and inspected once, with this module: inside a compiled forward, a failing import or `inspect` would
+# break the graph (`torch.compile(fullgraph=True)` fails), so the traced code only reads these two globals.
+_FLASH_ATTN = _import_flash_attn()
+_FLASH_ATTN_KWARGS = (
+    {} if _FLASH_ATTN is None else _accepted_kwargs(_FLASH_ATTN, ("_flash_attn_varlen_forward", "_flash_attn_varlen_backward"))
+)
+
+
+def _flash_attn_package():
+    return _FLASH_ATTN
+
+
+def _call_flash_attn(name: str, *args, **kwargs):
+    """``flash_attn_interface.<name>`` with the keyword arguments this release takes."""
+    accepted = _FLASH_ATTN_KWARGS[name]
+    return getattr(_FLASH_ATTN, name)(*args, **{k: v for k, v in kwargs.items() if accepted is None or k in accepted})
 
 
 def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     """One varlen FlashAttention call on ``(T, H, D)`` tensors (views: any row and head strides) -> (out, lse, aux)."""
-    fa = _flash_attn_package()
-    if fa is not None:
-        res = _call_with_supported_kwargs(
-            fa._flash_attn_varlen_forward, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale,
+    if _FLASH_ATTN is not None:
+        res = _call_flash_attn(
+            "_flash_attn_varlen_forward", q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale,
             causal=False, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
             alibi_slopes=None, return_softmax=False,
         )
@@ -187,11 +210,10 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 
 def _varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, aux):
     """Gradients of one varlen call, given the (merged) output and LSE of its rows."""
-    fa = _flash_attn_package()
-    if fa is not None:
+    if _FLASH_ATTN is not None:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _call_with_supported_kwargs(
-            fa._flash_attn_varlen_backward, grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
+        _call_flash_attn(
+            "_flash_attn_varlen_backward", grad_out, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
             dropout_p=0.0, softmax_scale=scale, causal=False, window_size=(-1, -1), window_size_left=-1,
             window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=aux,
         )
