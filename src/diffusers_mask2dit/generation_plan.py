@@ -327,9 +327,11 @@ def check_extend_inputs(
         )
         context_batch_size = context_latents.shape[0]
         context_size = [size * pipe.vae_scale_factor_spatial for size in context_latents.shape[-2:]]
+    # Sizes left at None are the context's: the preprocessed pixels' (the VAE encodes H to H / vae_scale exactly).
     height = pixel_dimension(pipe, context_size[0], "height") if height is None else height
     width = pixel_dimension(pipe, context_size[1], "width") if width is None else width
     negatives = negative_prompt_lists(negative_prompt, batch_size, num_context_scenes + num_new_scenes)
+    # Pixels were resized to `height`/`width`; their latent channels are the VAE's, checked once it has encoded.
     if context_latents is not None:
         check_context_shape(pipe, context_latents, height, width)
     check_context_batch(context_batch_size, batch_size, num_videos_per_prompt)
