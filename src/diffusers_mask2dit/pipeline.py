@@ -12,9 +12,10 @@ preparation, VAE decoding, scheduler handling and LoRA loading. What it adds:
 - ``generate_ditctrl`` (from `DiTCtrlMixin`): the training-free alternative on any CogVideoX checkpoint,
   overlapping one-prompt tiles with KV-sharing and latent blending (DiTCtrl).
 
-All three describe their generation as a `GenerationPlan` (a ``__call__`` is an ``extend`` without
-context) and run it through one core, `_generate`. Input checks live in `pipeline_inputs`, the
-authors'-release loader in `release_loading`.
+All three first check every argument (`generation_plan.check_call_inputs` / `check_extend_inputs`, with the
+per-argument checks of `pipeline_inputs`), then build a `GenerationPlan` from the checked inputs (a ``__call__``
+is an ``extend`` without context) and run it through one core, `_generate`. The authors'-release loader lives
+in `release_loading`.
 """
 
 from __future__ import annotations
@@ -39,21 +40,22 @@ from .generation_plan import (
     GenerationPlan,
     SamplingOptions,
     call_plan,
-    check_plan,
+    check_call_inputs,
+    check_extend_inputs,
+    encode_scene_videos,
     extend_plan,
-    plan_pixel_size,
     window_plan,
     with_generation_defaults,
 )
 from .pipeline_inputs import (
     FrameCounts,
     ScenePrompts,
-    check_frame_counts,
     check_options,
     check_sampling,
+    check_scenes_per_window,
     negative_prompt_lists,
-    pixel_scene,
     scene_prompt_lists,
+    scene_videos,
 )
 from .release_loading import OFFICIAL_MODEL_ID, Mask2DiTLoadingMixin
 from .transformer import Mask2DiTTransformer3DModel, drop_leading_frames, scene_rotary_emb
@@ -246,30 +248,16 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
         Args:
             scenes: one video per scene: a list of PIL images, an array ``(F, H, W, 3)`` or a tensor
                 ``(F, 3, H, W)`` (uint8 in [0, 255] or floats in [0, 1], as `read_video` returns), or 5D
-                batched versions of the last two. Each scene needs a frame count `is_valid_num_frames` accepts.
+                batched versions of the last two. Each scene needs a frame count `is_valid_num_frames` accepts;
+                all need the same batch size and, unless ``height`` and ``width`` resize them, the same size.
             generator: None takes the posterior mode (deterministic); a generator samples the posterior with it.
 
         Returns:
             Latents ``(B, F_latent, C, h, w)`` of all scenes concatenated, scaled like the pipeline's latents,
             and the pixel frame count of each scene.
         """
-        videos = []  # each (B, C, F, H, W)
-        for index, scene in enumerate(scenes):
-            scene = pixel_scene(scene, f"context_frames[{index}]")
-            videos.append(self.video_processor.preprocess_video(scene, height=height, width=width))
-        pixel_frames = [video.shape[2] for video in videos]
-        check_frame_counts(pixel_frames, "context_frames", self.is_valid_num_frames, multi_scene=True)
-        batch_sizes = {video.shape[0] for video in videos}
-        if len(batch_sizes) != 1:
-            raise ValueError(
-                f"Every scene of `context_frames` must have the same batch size; got {sorted(batch_sizes)}."
-            )
-        latents = []
-        for video in videos:
-            posterior = self.vae.encode(video.to(device=self._execution_device, dtype=self.vae.dtype)).latent_dist
-            scene_latents = posterior.mode() if generator is None else posterior.sample(generator)
-            latents.append(self.vae_scaling_factor_image * scene_latents.permute(0, 2, 1, 3, 4))
-        return torch.cat(latents, dim=1), pixel_frames
+        videos, pixel_frames = scene_videos(scenes, self.video_processor, height, width, self.is_valid_num_frames)
+        return encode_scene_videos(self, videos, generator), pixel_frames
 
     @torch.no_grad()
     def decode_scenes(
@@ -524,21 +512,20 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
             `Mask2DiTPipelineOutput` (``frames``: whole videos; ``scene_frames``: per sample, each scene;
             ``latents``: the final latents) or the tuple ``(frames, scene_frames)``.
         """
-        # 1. Check the sampling options; reset the per-call state
+        # 1. Check the sampling options and every input (before any model runs); reset the per-call state
         sampling = self._begin_sampling(
             SamplingOptions(
                 num_inference_steps, timesteps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs,
                 callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, output_type,
             )
         )
+        inputs = check_call_inputs(
+            self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, num_frames,
+            num_videos_per_prompt, latents, sampling.guidance_scale,
+        )
 
         # 2. Describe the generation: n scenes, their frames, prompts (or embeddings), no context
-        height, width = plan_pixel_size(self, height, width)
-        plan = call_plan(
-            self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, sampling.guidance_scale,
-            height=height, width=width, num_videos_per_prompt=num_videos_per_prompt, latents=latents,
-        )
-        check_plan(self, plan)
+        plan = call_plan(self, inputs)
 
         # 3. Encode the scene prompts, draw the noise, denoise all scenes together
         latents = self._generate(plan, sampling)
@@ -604,22 +591,20 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
             `Mask2DiTPipelineOutput` over the whole window: the context scenes, unchanged (in the pipeline's dtype),
             then the new scenes.
         """
-        # 1. Check the sampling options; reset the per-call state
+        # 1. Check the sampling options and every input (before the VAE or any model runs); reset the per-call state
         sampling = self._begin_sampling(
             SamplingOptions(
                 num_inference_steps, timesteps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs,
                 callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, output_type,
             )
         )
+        inputs = check_extend_inputs(
+            self, prompt, context_prompts, context_latents, context_frames, num_new_scenes, negative_prompt,
+            num_frames, context_num_frames, height, width, num_videos_per_prompt, latents, context_generator,
+        )
 
         # 2. Describe the generation: the context scenes (clean latents, or pixels encoded), then the new scenes
-        plan = extend_plan(
-            self, prompt, context_prompts, context_latents, context_frames, num_new_scenes, negative_prompt,
-            num_frames, context_num_frames, height, width, context_generator,
-            num_videos_per_prompt=num_videos_per_prompt,
-            latents=latents,
-        )
-        check_plan(self, plan)
+        plan = extend_plan(self, inputs)
 
         # 3. Encode the window's prompts, denoise the new scenes with the context clean at timestep 0
         latents = self._generate(plan, sampling)
@@ -672,32 +657,29 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
         Returns:
             `Mask2DiTPipelineOutput` with all N scenes.
         """
-        # 1. Check inputs; describe the whole story as one plan of N scenes
+        # 1. Check the sampling options and every input (before any model runs); reset the per-call state
         sampling = self._begin_sampling(
             SamplingOptions(
                 num_inference_steps, timesteps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs,
                 callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, output_type,
             )
         )
-        if not isinstance(scenes_per_window, int) or isinstance(scenes_per_window, bool) or scenes_per_window < 2:
-            raise ValueError(
-                f"`scenes_per_window` must be an int >= 2 (scene extension needs at least one context scene); "
-                f"got {scenes_per_window!r}."
-            )
-        height, width = plan_pixel_size(self, height, width)
-        story = call_plan(
-            self, prompts, negative_prompt, None, None, num_frames, sampling.guidance_scale, prompt_name="prompts",
-            height=height, width=width, num_videos_per_prompt=num_videos_per_prompt, latents=latents,
+        check_scenes_per_window(scenes_per_window)
+        inputs = check_call_inputs(
+            self, prompts, negative_prompt, None, None, height, width, num_frames, num_videos_per_prompt, latents,
+            sampling.guidance_scale, prompt_name="prompts",
         )
-        check_plan(self, story)
 
-        # 2. Encode every scene's prompt once: the text encoder runs here only
+        # 2. Describe the whole story as one plan of N scenes
+        story = call_plan(self, inputs)
+
+        # 3. Encode every scene's prompt once: the text encoder runs here only
         positive, negative, story.text_lengths = self.encode_scene_prompts(
             story.prompts, story.negative_prompts, sampling.do_classifier_free_guidance, num_videos_per_prompt,
             sampling.max_sequence_length, self._execution_device, per_scene=True,
         )
 
-        # 3. The first window together, then one scene at a time over the last `scenes_per_window - 1` scenes
+        # 4. The first window together, then one scene at a time over the last `scenes_per_window - 1` scenes
         num_scenes = len(story.scene_frames)
         window = min(scenes_per_window, num_scenes)
         windows = [(0, window, 0)] + [
@@ -710,5 +692,5 @@ class Mask2DiTPipeline(Mask2DiTLoadingMixin, CogVideoXPipeline, DiTCtrlMixin):
             new_latents = window_latents[:, sum(plan.scene_frames[:num_context]) :]
             scene_latents.extend(torch.split(new_latents, plan.scene_frames[num_context:], dim=1))
 
-        # 4. Decode every scene
+        # 5. Decode every scene
         return self._finish(torch.cat(scene_latents, dim=1), story.scene_frames, sampling.output_type, return_dict)

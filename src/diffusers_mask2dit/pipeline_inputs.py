@@ -108,10 +108,8 @@ def new_scene_prompts(prompt: Any, batch_size: int, batched: bool) -> List[List[
     return new
 
 
-def scene_embeddings(
-    embeds: Any, name: str, num_videos_per_prompt: int, text_dim: Optional[int], device, dtype
-) -> Tuple[torch.Tensor, List[int]]:
-    """Prompt embeddings -> ``(B * num_videos_per_prompt, n * L, D)`` and the text length of each scene.
+def scene_embeddings(embeds: Any, name: str, text_dim: Optional[int]) -> torch.Tensor:
+    """Prompt embeddings checked and seen as ``(B, n, L, D)``: n scenes of L tokens each.
 
     ``(B, n, L, D)`` holds n scenes (`encode_prompt` of scene lists); ``(B, L, D)`` (of a string) is one scene.
     """
@@ -122,7 +120,7 @@ def scene_embeddings(
         )
     if embeds.dim() == 3:
         embeds = embeds[:, None]
-    batch_size, num_scenes, length, dim = embeds.shape
+    batch_size, _, length, dim = embeds.shape
     if text_dim is not None and dim != text_dim:
         raise ValueError(
             f"`{name}` has width {dim} but the transformer takes text embeddings of width {text_dim} "
@@ -130,6 +128,15 @@ def scene_embeddings(
         )
     if min(batch_size, length) == 0:
         raise ValueError(f"`{name}` is empty: shape {tuple(embeds.shape)}.")
+    return embeds
+
+
+def joined_scene_embeddings(
+    embeds: torch.Tensor, num_videos_per_prompt: int, device, dtype
+) -> Tuple[torch.Tensor, List[int]]:
+    """Checked embeddings ``(B, n, L, D)`` -> ``(B * num_videos_per_prompt, n * L, D)``, the scenes one after the
+    other as the transformer takes them, and the text length of each scene (``[L] * n``)."""
+    batch_size, num_scenes, length, dim = embeds.shape
     embeds = embeds.to(device=device, dtype=dtype).repeat_interleave(num_videos_per_prompt, dim=0)
     return embeds.reshape(batch_size * num_videos_per_prompt, num_scenes * length, dim), [length] * num_scenes
 
@@ -144,6 +151,15 @@ def positive_int(value: Any, name: str, meaning: str = "") -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"`{name}` must be a positive int{meaning}; got {_describe(value)}.")
     return int(value)
+
+
+def check_scenes_per_window(value: Any) -> None:
+    """``generate_long``'s window: at least one context scene and one new scene."""
+    if not is_int(value) or value < 2:
+        raise ValueError(
+            f"`scenes_per_window` must be an int >= 2 (scene extension needs at least one context scene); "
+            f"got {value!r}."
+        )
 
 
 def per_scene_counts(value: FrameCounts, num_scenes: int, name: str) -> List[int]:
@@ -302,3 +318,36 @@ def pixel_scene(scene: Any, name: str) -> Any:
             raise ValueError(f"`{name}` has no frames.")
         return [_float_frames(frame, f"{name}[{index}]") for index, frame in enumerate(scene)]
     return _float_frames(scene, name)
+
+
+def scene_videos(
+    scenes: Sequence[Any],
+    video_processor: Any,
+    height: Optional[int],
+    width: Optional[int],
+    is_valid_num_frames: Callable[[int], bool],
+) -> Tuple[List[torch.Tensor], List[int]]:
+    """Pixel scenes (formats as in `Mask2DiTPipeline.encode_video_scenes`) checked and made ready for the VAE.
+
+    Returns:
+        One video ``(B, 3, F, H, W)`` per scene, as `VideoProcessor.preprocess_video` makes it (values in [-1, 1],
+        resized to ``height`` x ``width``; None keeps the frames' size, rounded down to the VAE's factor), and each
+        scene's pixel frame count F. Every scene needs a count the VAE decodes back exactly, and the same B, H, W.
+    """
+    videos = []
+    for index, scene in enumerate(scenes):
+        scene = pixel_scene(scene, f"context_frames[{index}]")
+        videos.append(video_processor.preprocess_video(scene, height=height, width=width))
+    pixel_frames = [video.shape[2] for video in videos]
+    check_frame_counts(pixel_frames, "context_frames", is_valid_num_frames, multi_scene=True)
+    batch_sizes = {video.shape[0] for video in videos}
+    if len(batch_sizes) != 1:
+        raise ValueError(f"Every scene of `context_frames` must have the same batch size; got {sorted(batch_sizes)}.")
+    # Scenes are encoded one by one and joined along frames: a mixed size would only fail there.
+    sizes = {tuple(video.shape[-2:]) for video in videos}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"Every scene of `context_frames` must have the same (height, width), or pass `height` and `width` to "
+            f"resize them all; got {sorted(sizes)}."
+        )
+    return videos, pixel_frames
