@@ -41,9 +41,13 @@ from diffusers_mask2dit.shapes import model as shapes_model  # noqa: E402
 from diffusers_mask2dit.transformer import Mask2DiTAttnProcessor  # noqa: E402
 
 RECIPES = (
-    "none", "first-block:0.05", "first-block:0.1", "first-block:0.2", "pab", "faster", "taylorseer",
+    "none", "first-block:0.05", "first-block:0.1", "first-block:0.2", "pab", "faster", "taylorseer", "magcache",
     "int8", "fp8", "fp8-layerwise",
 )
+# MagCache skips steps by per-step magnitude ratios that must be measured for each model: one calibration run on
+# world prompts and noise of their own (neither the training's seed 0 nor the held-out samples'), then the cache.
+CALIBRATION_WORLD_SEED = 3_000_017
+CALIBRATION_NOISE_SEED = 7
 QUANTIZE = ("int8", "fp8", "fp8-layerwise")
 METRICS = ("prompt_accuracy", "identity_consistency")
 
@@ -64,9 +68,38 @@ class CountingProcessor(Mask2DiTAttnProcessor):
 def recipe_pipeline(recipe: str):
     pipe = shapes_model.load_pipeline()
     pipe.transformer.set_attn_processor(CountingProcessor())
+    if recipe == "magcache":
+        return mag_cache_pipeline(pipe)
     if recipe in QUANTIZE:
         return apply_optimizations(pipe, quantize=recipe)
     return apply_optimizations(pipe, cache=recipe)
+
+
+def mag_cache_pipeline(pipe):
+    """``pipe`` with diffusers' MagCache at its default threshold, its ratios calibrated on one 3-scene sample that
+    is not a held-out one (diffusers prints the ratios at the end of a calibration run)."""
+    import ast
+    import contextlib
+    import io
+
+    from diffusers import MagCacheConfig
+
+    from diffusers_mask2dit.shapes import world
+
+    kwargs = shapes_model.generation_kwargs()
+    steps = kwargs["num_inference_steps"]
+    rng = world.scene_rng(CALIBRATION_WORLD_SEED, 0)
+    prompts = [world.sample_scene(rng).prompt for _ in range(3)]
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        pipe(prompt=prompts, generator=torch.Generator().manual_seed(CALIBRATION_NOISE_SEED), output_type="latent",
+             attention_kwargs={"scene_mask": "v2"}, **kwargs)
+    pipe.transformer.disable_cache()
+    ratios = ast.literal_eval(printed.getvalue().strip().splitlines()[-1])
+    print(f"  MagCache ratios from {prompts}: {[round(r, 3) for r in ratios]}", flush=True)
+    pipe.transformer.enable_cache(MagCacheConfig(mag_ratios=ratios, num_inference_steps=steps))
+    return pipe
 
 
 def generate(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:

@@ -32,6 +32,7 @@ QUANTIZE_MODES = ("none", "int8", "fp8", "fp8-layerwise", "nf4", "int8-bnb")
 OFFLOAD_MODES = ("none", "model", "sequential", "group")
 CACHE_MODES = ("none", "first-block", "pab", "faster", "taylorseer")
 DEFAULT_FIRST_BLOCK_THRESHOLD = 0.2
+TAYLORSEER_ATTENTION_PATTERN = r"transformer_blocks\.\d+\.attn1"  # re.fullmatch on module names
 
 # Modules kept in their dtype by the quantization and casting recipes, by name (any module whose dotted name has
 # one of these as a part): every norm (the scene-aware `SceneLayerNormZero` norm1/norm2 and `SceneAdaLayerNorm`
@@ -198,7 +199,9 @@ def cache_config(pipe, cache: str):
             unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 781),
             tensor_format="BFCHW",
         ),
-        "taylorseer": lambda: TaylorSeerCacheConfig(),
+        # diffusers' default patterns full-match names ending in "attn", so CogVideoX's `attn1` was never hooked
+        # (nothing cached, nothing saved): name the blocks' attention modules instead.
+        "taylorseer": lambda: TaylorSeerCacheConfig(cache_identifiers=[TAYLORSEER_ATTENTION_PATTERN]),
     }
     return builders[mode]()
 
