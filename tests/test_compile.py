@@ -145,3 +145,27 @@ def test_cuda_flash_path_traces_fullgraph_forward_and_backward(monkeypatch, vari
     assert len(graphs) == 2  # one forward graph, one backward graph
     assert any("_flash_attention_forward" in target for target in targets[0])
     assert any("_flash_attention_backward" in target for target in targets[1])
+
+
+def test_the_gpu_capability_question_stays_out_of_a_fullgraph_forward(monkeypatch):
+    """Choosing a backend asks the GPU's compute capability inside the forward; compiled, that question is answered
+    while tracing and kept as a constant, even where dynamo could not trace the query itself."""
+    from diffusers_mask2dit import attention
+
+    def capability_dynamo_cannot_trace(device=None):
+        torch._dynamo.graph_break()
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *args: None)  # dynamo keeps CUDA's RNG state when it
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *args: None)  # sees CUDA available
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_dynamo_cannot_trace)
+    monkeypatch.setattr(attention, "_FLASH_ATTN", object())  # "a varlen FlashAttention is installed"
+
+    def forward(x):
+        return x * (1.0 if attention._flash_unavailable(torch.device("cuda", 0)) is None else 2.0)
+
+    counter = CompileCounterWithBackend("eager")
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(forward, backend=counter, fullgraph=True)(x), x)  # sm90: flash available
+    assert counter.frame_count == 1

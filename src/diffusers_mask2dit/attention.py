@@ -135,6 +135,13 @@ class _CudaFlashKernel:
         return grads[0], grads[1], grads[2]
 
 
+@torch.compiler.assume_constant_result
+def _cuda_capability(device: Optional[torch.device]) -> Tuple[int, int]:
+    """The GPU's compute capability. Asked inside the forward (backend choice), so a compiled forward asks it once,
+    while tracing, and keeps the answer: dynamo need not trace CUDA's device queries (a graph break)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _kernel_for(tensor: torch.Tensor, backend: str):
     """The per-group kernel of the ``"sdpa"`` backend for ``tensor``'s device and dtype."""
     if tensor.device.type == "cpu":
@@ -143,7 +150,7 @@ def _kernel_for(tensor: torch.Tensor, backend: str):
         tensor.device.type == "cuda"
         and tensor.dtype in (torch.float16, torch.bfloat16)
         and tensor.shape[-1] <= 256
-        and torch.cuda.get_device_capability(tensor.device)[0] >= 8  # PyTorch's FlashAttention: sm80+
+        and _cuda_capability(tensor.device)[0] >= 8  # PyTorch's FlashAttention: sm80+
     ):
         return _CudaFlashKernel
     return _MathKernel
@@ -557,7 +564,7 @@ def _dense_attend(query, key, value, layout, variant, scale):
 def _flash_unavailable(device: Optional[torch.device]) -> Optional[str]:
     if not torch.cuda.is_available():
         return "it needs a CUDA device"
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _cuda_capability(device)
     if major < 8:
         return f"it needs an sm80+ GPU, got sm{major}{minor}"
     if _flash_attn_package() is None and not hasattr(torch.ops.aten, "_flash_attention_forward"):
