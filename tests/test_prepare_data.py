@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("scenedetect")
 pytest.importorskip("cv2")
@@ -146,3 +147,5 @@ def test_table3_script_smoke(tmp_path):
     assert kept["t0.0"] == table["rows"]["t0.0"]["groups"]["total"] >= kept["t0.6"]
     assert "| 0.0 |" in text and "| 0.6 |" in text
     assert os.path.islink(tmp_path / "run" / "cache" / "t0.6" / "latents")  # one encoding of the clips for all sets
+    for name in ("t0.0", "t0.6"):  # a contact sheet per row: 4 samples x 3 scenes, one labelled line each
+        assert Image.open(tmp_path / "run" / "sheets" / f"{name}.png").size[1] > 12 * 96

@@ -11,7 +11,8 @@ Steps (each skipped when its output exists, so the command resumes):
    settings of ``Recipe.sft`` with ``--steps`` steps), all from the same transformer (``--transformer``; default:
    the package's shipped Shapes model);
 4. per threshold: the held-out samples of :mod:`.ablation` (same prompts and noise), scored with the exact
-   scorer and the paper's metrics (``scores/t<threshold>.json``); then ``table.json`` and ``table.md``.
+   scorer and the paper's metrics (``scores/t<threshold>.json``), and a contact sheet of the first few
+   (``sheets/t<threshold>.png``); then ``table.json`` and ``table.md``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,28 @@ def score_threshold(run: Run, threshold: float, num_samples: int, batch_size: in
                 run.path("scores", f"{name}.json"))
 
 
+SHEET_SAMPLES = 4  # held-out samples drawn per row's contact sheet, to look at next to the scores
+
+
+def sheet_threshold(run: Run, threshold: float) -> None:
+    """``sheets/<name>.png``: the first `SHEET_SAMPLES` scored samples of a row (same prompts and noise), one line per
+    scene labelled with its prompt."""
+    from ..transformer import Mask2DiTTransformer3DModel
+    from ..video_io import contact_sheet
+
+    name = name_of(threshold)
+    pipe = shapes_model.load_pipeline()
+    pipe.transformer = Mask2DiTTransformer3DModel.from_pretrained(run.path("train", name, "transformer"))
+    samples = list(range(SHEET_SAMPLES))
+    prompts = [ablation.held_out_prompts(sample, 3) for sample in samples]
+    output = pipe(prompt=prompts, generator=ablation._generators(samples, 0), output_type="latent",
+                  attention_kwargs={"scene_mask": "v2"}, **shapes_model.generation_kwargs())
+    scenes = [scene for video in ablation._frames(pipe, output.frames, 3) for scene in video]
+    labels = [f"{sample + 1}.{scene + 1}: {prompt}" for sample in samples for scene, prompt in enumerate(prompts[sample])]
+    os.makedirs(run.path("sheets"), exist_ok=True)
+    contact_sheet(scenes, run.path("sheets", f"{name}.png"), labels=labels)
+
+
 def table(run: Run, thresholds: Sequence[float], steps: int, transformer: str) -> str:
     """``table.md`` (and ``table.json``) from the scores and the data reports."""
     rows, data, missing = [], {}, []
@@ -147,6 +170,7 @@ def films_table(out: str, thresholds: Sequence[float] = THRESHOLDS, steps: int =
                  lambda config=config, name=name: run.mask2dit("train", config, f"train-{name}"))
         run.step(f"score {name}", run.path("scores", f"{name}.json"),
                  lambda threshold=threshold: score_threshold(run, threshold, num_samples, batch_size))
+        run.step(f"sheet {name}", run.path("sheets", f"{name}.png"), lambda threshold=threshold: sheet_threshold(run, threshold))
     return table(run, thresholds, steps, transformer)
 
 
