@@ -38,12 +38,15 @@ def _step_inputs(config: Dict[str, Any], size: str, device, dtype, scenes: int):
     return latents.to(device, dtype), text.to(device, dtype), torch.tensor([500, 500], device=device), latent_frames
 
 
-def make_calls(size: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Callable[[], Any]]:
-    """Name -> a no-grad step: ours (3 scenes) and stock (1 prompt, same frames), eager / full / blocks."""
+MODES = ("eager", "full", "blocks")
+
+
+def make_calls(size: str, device: torch.device, dtype: torch.dtype, modes=MODES) -> Dict[str, Callable[[], Any]]:
+    """Name -> a no-grad step: ours (3 scenes) and stock (1 prompt, same frames), in each of ``modes``."""
     config = common.transformer_config(size)
     calls = {}
     for name in ("mask2dit", "cogvideox"):
-        for mode in ("eager", "full", "blocks"):
+        for mode in modes:
             model = common.build_random_transformer(size, device, dtype)
             scenes = SCENES if name == "mask2dit" else 1
             if name == "mask2dit":
@@ -73,11 +76,14 @@ def make_calls(size: str, device: torch.device, dtype: torch.dtype) -> Dict[str,
 
 def main(argv=None) -> Dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="eager and compile modes to time (a 5b model each; eager is always kept)")
     args = parser.parse_args(argv)
     env = common.setup(args)
     device, dtype = env["device"], env["dtype"]
     size = "quick" if args.quick else "cpu-mid" if device.type == "cpu" else "cogvideox-5b"
-    calls = make_calls(size, device, dtype)
+    modes = ["eager"] + [mode for mode in args.modes if mode != "eager"]
+    calls = make_calls(size, device, dtype, modes)
     first = {}
     for name, call in calls.items():  # the first call compiles
         start = time.perf_counter()
@@ -89,7 +95,7 @@ def main(argv=None) -> Dict[str, Any]:
     rows, results = [], {"first_call_seconds": first, "timings": timings, "ratios": {}}
     for name in ("mask2dit", "cogvideox"):
         eager = timings[f"{name}/eager"]["median_s"]
-        for mode in ("full", "blocks"):
+        for mode in modes[1:]:
             ratio = common.ratio(timings[f"{name}/{mode}"]["median_s"], eager)
             results["ratios"][f"{name}/{mode}_over_eager"] = ratio
             rows.append([name, mode, common.fmt_time(eager), common.fmt_time(timings[f"{name}/{mode}"]["median_s"]),

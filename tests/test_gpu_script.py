@@ -64,7 +64,7 @@ def test_dry_run_goes_through_every_step(tmp_path):
     # what comes back from the device: at most 8 plain files; each step's JSON is in the summary, the junit XML apart
     files = sorted(path.name for path in out.iterdir())
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) and (out / name).is_file() for name in files)
-    assert set(files) == {"summary.json", "log.txt", "pytest_cuda.xml", "pytest_flex_compiled.xml"}
+    assert set(files) == {"summary.json", "log.txt", "pytest_cuda.xml", "pytest_flex_compiled.xml", "pytest_recipes_cuda.xml"}
     environment = summary["environment"]
     assert environment["package_from"] == str(REPO / "src" / "diffusers_mask2dit") and environment["versions"]["diffusers"]
     results = summary["results"]
@@ -91,6 +91,12 @@ def test_dry_run_goes_through_every_step(tmp_path):
     assert set(results["transformer_step_5b"]["runs"]) == {"v2", "full_attention"}
     assert headline["transformer_step_5b"]["ratios"]["time_v2_over_full_attention"] > 0
     assert headline["training_5b"]["lora_v2_memory"]["measured_over_estimate"] > 0
+    # issue 22's steps: the recipe tests selected (skipped here, and only in their own step), the two benchmarks
+    recipes, module = results["pytest_recipes_cuda"], driver.RECIPES_TEST_FILE[:-3].replace("/", ".") + "::"
+    assert recipes["tests"] and all(t["test"].startswith(module) for t in recipes["tests"])
+    assert module not in json.dumps(tests["tests"])
+    assert headline["memory_5b"]["complete"] and "fp8-layerwise + VAE tiling" in headline["memory_5b"]["table"]
+    assert "mask2dit/eager" in headline["compile_5b"]["first_call_seconds"]
 
 
 def test_stopped_mid_step_the_partial_json_is_kept_and_the_step_group_killed(tmp_path):
@@ -137,10 +143,10 @@ def test_without_the_carried_wheels_a_gpu_run_refuses_to_start(tmp_path, wheels)
 
 
 def test_steps_are_in_the_issue_order_with_paper_scale_shapes():
-    # the GPU arguments are not run here: check that they ask for what issues 12 and 23 measure, in that order
+    # the GPU arguments are not run here: check that they ask for what issues 12, 23 and 22 measure, in that order
     driver = _driver()
     assert driver.STEP_NAMES == ["smoke", "pytest_cuda", "attention_n3", "transformer_step_5b", "training_5b",
-                                 "pytest_flex_compiled", "attention_n6"]
+                                 "pytest_flex_compiled", "attention_n6", "pytest_recipes_cuda", "memory_5b", "compile_5b"]
     steps = {step.name: step for step in driver.STEPS}
     assert steps["smoke"].required and not any(step.required for step in driver.STEPS[1:])
     out = Path("/out")
@@ -150,7 +156,8 @@ def test_steps_are_in_the_issue_order_with_paper_scale_shapes():
     n6 = driver.step_args(steps["attention_n6"], False, out)
     assert n6[n6.index("--shape") + 1] == "6,226,17550,48,64" and n6[n6.index("--modes") + 1] == "forward"
     assert steps["attention_n6"].min_left_s == 200
-    for name in ("smoke", "attention_n3", "attention_n6", "transformer_step_5b", "training_5b"):
+    assert "blocks" in steps["compile_5b"].gpu and "--quick" not in steps["memory_5b"].gpu  # 5b-sized on the GPU
+    for name in ("smoke", "attention_n3", "attention_n6", "transformer_step_5b", "training_5b", "memory_5b", "compile_5b"):
         args = driver.step_args(steps[name], False, out)
         assert args[args.index("--device") + 1] == "cuda" and args[args.index("--dtype") + 1] == "bfloat16", name
     assert "cogvideox-5b" in steps["transformer_step_5b"].gpu and "cogvideox-5b" in steps["training_5b"].gpu
@@ -305,7 +312,7 @@ def test_steps_share_a_process_only_in_a_dry_run():
     assert driver.plan_groups(names, dry_run=False) == [[name] for name in names]
     assert driver.plan_groups(names, dry_run=True) == [
         ["smoke"], ["pytest_cuda"], ["attention_n3", "transformer_step_5b", "training_5b"], ["pytest_flex_compiled"],
-        ["attention_n6"]]
+        ["attention_n6"], ["pytest_recipes_cuda"], ["memory_5b", "compile_5b"]]
 
 
 def test_unknown_step_is_refused():

@@ -16,6 +16,9 @@ The steps, in order (:data:`STEPS`; another issue's steps go where the table say
   training_5b           the 5b LoRA training step's peak memory vs the estimate
   pytest_flex_compiled  the compiled-FlexAttention CUDA test (its compile is long)
   attention_n6          6 scenes, forward only, only if at least 200 s are left
+  pytest_recipes_cuda   issue 22 (a call of its own, see STEPS): offload, bitsandbytes, torchao, Inductor compile
+  memory_5b             5b step and VAE decode per recipe: peak memory and time, beside the estimate
+  compile_5b            compiled (regional) vs eager, one 5b step, ours and stock CogVideoX
 
 Each step runs in its own process group (``Popen(process_group=0)``: a crash or a CUDA error stays inside it; at
 its time limit, or when this driver is stopped, the whole group is killed). A step's seconds count from its
@@ -57,6 +60,7 @@ GPU_DEADLINE_S = 420  # one device call of 8 minutes (timeout_s=480), with a min
 DRY_DEADLINE_S = 400
 COMPILED_FLEX_TEST = "tests/test_benchmarks.py::test_flex_baseline_compiled_matches_dense_reference_on_cuda"
 CUDA_TEST_FILES = "{cuda test files}"  # expanded by step_args to the test files that hold CUDA tests
+RECIPES_TEST_FILE = "tests/test_optimization_cuda.py"  # a step of its own, not in `pytest_cuda`
 
 
 @dataclass
@@ -112,13 +116,21 @@ STEPS = [
     # the 5b LoRA training step at the same size, gradient checkpointing on: peak memory vs the estimate
     Step("training_5b", 90, "bench", "bench_training.py", gpu=CUDA_BF16 + ["--model", "cogvideox-5b"] + TRAINING_ARGS,
          dry=CPU_FP32 + ["--model", "quick"] + TRAINING_ARGS, output="training_5b.json"),
-    # other issues' benchmark steps (issue 22: compiled vs eager, memory per recipe) go here, before the slow ones
     pytest_step("pytest_flex_compiled", 100, 90, [COMPILED_FLEX_TEST]),
     # n = 6 last and forward only: the longest, and the issue's goals are stated at n = 3. Past 65,536 tokens the
     # reference is fp32 math on sampled rows (the dry run asks for it explicitly, its sequence being short).
     attention_step(6, 150, repeats=2, skip="ours[dense],ours[sdpa]", dry_shape="6,4,40,2,16",
                    gpu_extra=["--modes", "forward"], dry_extra=["--modes", "forward", "--reference", "sampled",
                                                               "--flex", "eager"], min_left_s=200),
+    # Issue 22, in a device call of its own (the steps above fill one): `run.sh --out "$OUT" --steps
+    # pytest_recipes_cuda memory_5b compile_5b`. Offload, bitsandbytes, torchao and Inductor on the tiny model
+    # (tests/test_optimization_cuda.py, its compile tests take minutes), then the 5b figures: memory and step time
+    # per recipe beside the estimate, and compiled (regional) vs eager for ours and stock CogVideoX.
+    pytest_step("pytest_recipes_cuda", 150, 240, [RECIPES_TEST_FILE]),
+    Step("memory_5b", 150, "bench", "bench_memory_gpu.py", gpu=CUDA_BF16, dry=CPU_FP32 + ["--quick"],
+         output="memory_5b.json"),
+    Step("compile_5b", 240, "bench", "bench_compile.py", gpu=CUDA_BF16 + ["--modes", "eager", "blocks", "--repeats", "2"],
+         dry=CPU_FP32 + ["--quick", "--modes", "eager", "--repeats", "1"], output="compile_5b.json"),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -147,7 +159,8 @@ def cuda_test_files() -> List[str]:
                     return True
         return False
 
-    return sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py") if has_cuda_tests(path))
+    files = (str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py") if has_cuda_tests(path))
+    return sorted(name for name in files if name != RECIPES_TEST_FILE)
 
 
 def step_args(step: Step, dry_run: bool, out: Path) -> List[str]:
@@ -409,6 +422,10 @@ def headline(name: str, data: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if name.startswith("training"):
         return {"complete": data.get("complete"), "lora_v2_memory": _get(data, "results", "lora", "runs", "v2", "memory"),
                 "goals_met": data.get("goals_met"), "error": _get(data, "results", "lora", "error")}
+    if name.startswith("memory"):
+        return {"complete": data.get("complete"), "table": data.get("table")}
+    if name.startswith("compile"):
+        return {"ratios": _get(data, "results", "ratios"), "first_call_seconds": _get(data, "results", "first_call_seconds")}
     if name.startswith("pytest"):
         return {"counts": data.get("counts"),
                 "not_passed": [t["test"] for t in data.get("tests", []) if t["outcome"] in ("failed", "errors")]}
