@@ -157,3 +157,40 @@ def test_grouping_and_clip_frames():
     assert clip_indices(10, 27, 9, 3).tolist() == list(range(10, 27, 2))  # 17 frames: stride 2 covers the shot
     assert clip_indices(0, 100, 9, 3).tolist() == list(range(37, 62, 3))  # long shot: stride 3, 25-frame window centred
     assert clip_indices(0, 8, 9, 3) is None  # shorter than a clip
+
+
+def _tiny_captioner(folder):
+    """A tiny random BLIP captioning model with its processor (a BERT tokenizer over a few world words), offline."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "moves", "left", "green", "background"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(os.path.join(folder, "vocab.txt"))
+    tokenizer.bos_token = "[CLS]"  # where BLIP's text decoder starts
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(words), max_position_embeddings=32, bos_token_id=2, sep_token_id=3, pad_token_id=0,
+                         eos_token_id=3, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16,
+    )
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
+    return str(folder), words
+
+
+def test_a_captioning_model_folder_is_a_captioner(tmp_path, capsys):
+    """`--captioner <folder>`: a transformers captioning model (here a tiny random BLIP) captions every shot."""
+    model, words = _tiny_captioner(tmp_path / "blip")
+    folder = tmp_path / "videos"
+    films.write_films(str(folder), 1, 3, unrelated_fraction=0.0, seed=11, progress=False)
+    os.remove(folder / "truth.jsonl")
+    out = str(tmp_path / "out")
+    code, _, stderr = run(["prepare-data", "--videos", str(folder), "--out", out, "--captioner", model, *FILM_ARGS], capsys)
+    assert code == 0, stderr
+    captions = [shot["caption"] for shot in read_jsonl(os.path.join(out, "shots.jsonl"))]
+    assert len(captions) == 3 and all(captions), captions
+    assert all(word in words for caption in captions for word in caption.split())  # the model's own tokens

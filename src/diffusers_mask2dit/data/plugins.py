@@ -103,20 +103,24 @@ class CommandCaptioner:
 
 
 class ImageToTextCaptioner:
-    """A ``transformers`` image-to-text pipeline (e.g. BLIP) run on the shot's middle frame."""
+    """A ``transformers`` captioning model (e.g. BLIP) run on the shot's middle frame, without a text prompt."""
 
     def __init__(self, path: str, device: Optional[str] = None) -> None:
         from transformers import pipeline
+        from transformers.pipelines import SUPPORTED_TASKS
 
+        # transformers 5 folded the "image-to-text" pipeline into "image-text-to-text" (which needs a text: "")
+        self.task = "image-to-text" if "image-to-text" in SUPPORTED_TASKS else "image-text-to-text"
         try:
-            self.pipe = pipeline("image-to-text", model=path, device=device)
+            self.pipe = pipeline(self.task, model=path, device=device)
         except Exception as error:  # transformers raises many types for a folder it cannot load
             raise ValueError(f"`--captioner` {path}: cannot load an image-to-text model ({type(error).__name__}: {error}).") from None
 
     def caption(self, frames: np.ndarray, context: Dict[str, Any]) -> str:
         from PIL import Image
 
-        output = self.pipe(Image.fromarray(frames[len(frames) // 2]))
+        image = Image.fromarray(frames[len(frames) // 2])
+        output = self.pipe(image) if self.task == "image-to-text" else self.pipe(images=image, text="")
         return " ".join(str(output[0].get("generated_text", "")).split()) if output else ""
 
 
