@@ -255,7 +255,7 @@ def test_flash_path_fits_pytorch_flash_kernel_signatures(monkeypatch, variant):
             self.names.add(str(func))
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(attention_module, "_flash_attn_package", lambda: None)  # PyTorch's own kernels
+    monkeypatch.setattr(attention_module, "_FLASH_ATTN", None)  # PyTorch's own kernels, even with flash-attn installed
     layout = SceneLayout([5, 7, 6], [11, 9, 13])
     with FakeTensorMode():
         q, k, v = (torch.randn(2, 3, layout.total, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

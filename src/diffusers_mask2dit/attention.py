@@ -192,10 +192,6 @@ _FLASH_ATTN_KWARGS = (
 )
 
 
-def _flash_attn_package():
-    return _FLASH_ATTN
-
-
 def _call_flash_attn(name: str, *args, **kwargs):
     """``flash_attn_interface.<name>`` with the keyword arguments this release takes."""
     accepted = _FLASH_ATTN_KWARGS[name]
@@ -567,7 +563,7 @@ def _flash_unavailable(device: Optional[torch.device]) -> Optional[str]:
     major, minor = _cuda_capability(device)
     if major < 8:
         return f"it needs an sm80+ GPU, got sm{major}{minor}"
-    if _flash_attn_package() is None and not hasattr(torch.ops.aten, "_flash_attention_forward"):
+    if _FLASH_ATTN is None and not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return "it needs a varlen FlashAttention (the flash-attn package, or PyTorch's own)"
     return None
 
