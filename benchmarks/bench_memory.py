@@ -101,26 +101,34 @@ def vae_decode_peak(tiling: bool) -> Dict[str, int]:
     return {"weights": weights, "extra": extra}
 
 
+T5_BYTES = T5_XXL_ENCODER_PARAMETERS * 2
+T5_EXTRA_BYTES = 2 * 3 * 226 * 4096 * 2 * 8  # the encoder's activations: a few copies of (CFG, 3 x 226, 4096); small
+
+
+def generation_peaks(transformer: int, step_extra: int, vae: int, decode_extra: int) -> Dict[str, float]:
+    """Peak GB of a generation whose transformer and VAE take these bytes (weights; peak extra of one step and of one
+    scene's decode), the T5 encoder counted from its size: all on the GPU at once, or with model offload (one
+    component on the GPU at a time)."""
+    everything = T5_BYTES + transformer + vae
+    return {
+        "peak_GB": (everything + max(step_extra, decode_extra, T5_EXTRA_BYTES)) / 1e9,
+        "peak_model_offload_GB": max(T5_BYTES + T5_EXTRA_BYTES, transformer + step_extra, vae + decode_extra) / 1e9,
+    }
+
+
 def recipe_table(step: Dict[str, int], vae: Dict[str, Dict[str, int]]) -> Dict[str, Dict[str, float]]:
     """Peak GB per recipe: all components on the GPU, or with model offload (one phase at a time)."""
-    t5 = T5_XXL_ENCODER_PARAMETERS * 2
-    t5_extra = 2 * 3 * 226 * 4096 * 2 * 8  # the encoder's activations: a few copies of (CFG, 3 x 226, 4096); small
     rows = {}
     for recipe in ("bf16", "int8", "fp8-layerwise"):
-        cast = 0 if recipe == "bf16" else step["largest_layer_bf16"]
-        transformer = step[recipe]
-        denoise = transformer + step["step_extra"] + cast
+        step_extra = step["step_extra"] + (0 if recipe == "bf16" else step["largest_layer_bf16"])  # + one layer cast
         for tiled in (False, True):
             decode = vae["tiled" if tiled else "plain"]
-            name = recipe + (" + VAE tiling" if tiled else "")
-            vae_phase = decode["weights"] + decode["extra"]
-            everything = t5 + transformer + decode["weights"]
-            rows[name] = {
+            everything = T5_BYTES + step[recipe] + decode["weights"]
+            rows[recipe + (" + VAE tiling" if tiled else "")] = {
                 "weights_GB": everything / 1e9,
-                "denoise_step_GB": (everything + step["step_extra"] + cast) / 1e9,
+                "denoise_step_GB": (everything + step_extra) / 1e9,
                 "vae_decode_GB": (everything + decode["extra"]) / 1e9,
-                "peak_GB": (everything + max(step["step_extra"] + cast, decode["extra"], t5_extra)) / 1e9,
-                "peak_model_offload_GB": max(t5 + t5_extra, denoise, vae_phase) / 1e9,
+                **generation_peaks(step[recipe], step_extra, decode["weights"], decode["extra"]),
             }
     return rows
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_memory import T5_XXL_ENCODER_PARAMETERS, fits  # noqa: E402
+from bench_memory import fits, generation_peaks  # noqa: E402
 
 from diffusers_mask2dit import Mask2DiTTransformer3DModel  # noqa: E402
 from diffusers_mask2dit.optimization import quantize_transformer  # noqa: E402
@@ -113,15 +113,9 @@ def vae_rows(size: str, device: torch.device, dtype: torch.dtype) -> Dict[str, D
 
 
 def peaks(row: Dict[str, Any], vae: Dict[str, Dict[str, int]], tiled: bool) -> Dict[str, float]:
-    """GB all on the GPU (T5, transformer, VAE at once) and with model offload (one component at a time)."""
-    t5 = T5_XXL_ENCODER_PARAMETERS * 2
+    """GB all on the GPU and with model offload, put together from the measured parts as the estimate is."""
     decode = vae["tiled" if tiled else "plain"]
-    everything = t5 + row["weights_bytes"] + decode["weights_bytes"]
-    return {
-        "peak_GB": (everything + max(row["step_extra_bytes"], decode["extra_bytes"])) / 1e9,
-        "peak_model_offload_GB": max(t5, row["weights_bytes"] + row["step_extra_bytes"],
-                                     decode["weights_bytes"] + decode["extra_bytes"]) / 1e9,
-    }
+    return generation_peaks(row["weights_bytes"], row["step_extra_bytes"], decode["weights_bytes"], decode["extra_bytes"])
 
 
 def estimated_rows() -> Dict[str, Any]:

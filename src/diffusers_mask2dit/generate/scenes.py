@@ -46,7 +46,7 @@ def _call_options(args: argparse.Namespace, writer: Optional[Any] = None) -> dic
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length,
-        num_videos_per_prompt=getattr(args, "num_videos", 1),
+        num_videos_per_prompt=args.num_videos,
         output_type="latent",  # decoded below: the exact latents are saved too
     )
     attention = {"scene_mask": args.mask, "attention_backend": args.attention_backend}

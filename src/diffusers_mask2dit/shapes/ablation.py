@@ -85,8 +85,12 @@ def score_samples(scenes: Sequence[Sequence[np.ndarray]], prompts: Sequence[Sequ
     return results
 
 
-def run_multiscene(pipe, variant: str, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:
-    """3-scene samples generated together with ``variant``'s mask; keeps the latents for extension."""
+def generate_multiscene(pipe, variant: str, samples: Sequence[int], batch_size: int):
+    """The 3 scenes of each held-out sample generated together with ``variant``'s mask (its prompts, its noise).
+
+    Returns ``(prompts, scenes, latents)``: ``[sample][scene]`` prompts, decoded scenes ``(F, H, W, 3)`` in the same
+    layout, and the latents ``(B, 3 * f, C, h, w)`` that extension continues from.
+    """
     prompts, scenes, latents = [], [], []
     for batch in _batches(samples, batch_size):
         batch_prompts = [held_out_prompts(s, 3) for s in batch]
@@ -95,11 +99,12 @@ def run_multiscene(pipe, variant: str, samples: Sequence[int], batch_size: int) 
         prompts += batch_prompts
         scenes += _frames(pipe, output.frames, 3)
         latents.append(output.frames)
-    return {"prompts": prompts, "samples": score_samples(scenes, prompts), "latents": torch.cat(latents)}
+    return prompts, scenes, torch.cat(latents)
 
 
-def run_separate(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:
-    """Every scene of each sample generated on its own (n = 1), with its own noise."""
+def generate_separate(pipe, samples: Sequence[int], batch_size: int):
+    """Every scene of each held-out sample generated on its own (n = 1), with its own noise; ``(prompts, scenes)``
+    laid out as in `generate_multiscene`."""
     prompts = [held_out_prompts(s, 3) for s in samples]
     scenes: List[List[np.ndarray]] = [[] for _ in samples]
     for scene in range(3):
@@ -109,6 +114,18 @@ def run_separate(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any
                           output_type="latent", **shapes_model.generation_kwargs())
             for i, frames in enumerate(_frames(pipe, output.frames, 1)):
                 scenes[start + i].append(frames[0])
+    return prompts, scenes
+
+
+def run_multiscene(pipe, variant: str, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:
+    """3-scene samples generated together with ``variant``'s mask, scored; keeps the latents for extension."""
+    prompts, scenes, latents = generate_multiscene(pipe, variant, samples, batch_size)
+    return {"prompts": prompts, "samples": score_samples(scenes, prompts), "latents": latents}
+
+
+def run_separate(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:
+    """Every scene of each sample generated on its own (n = 1), with its own noise, scored."""
+    prompts, scenes = generate_separate(pipe, samples, batch_size)
     return {"prompts": prompts, "samples": score_samples(scenes, prompts)}
 
 

@@ -41,8 +41,9 @@ from .ablation import (
     ConditionCache,
     _batches,
     _fmt,
-    _frames,
     _generators,
+    generate_multiscene,
+    generate_separate,
     held_out_prompts,
     score_samples,
     summarize_condition,
@@ -75,27 +76,13 @@ def _score(scenes: List[List[np.ndarray]], prompts: List[List[str]], videos: Lis
 
 def run_separate(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:
     """Each prompt of a sample generated alone (one scene, its own noise: the ablation's ``separate`` seeds)."""
-    prompts = [held_out_prompts(s, NUM_PROMPTS) for s in samples]
-    scenes: List[List[np.ndarray]] = [[] for _ in samples]
-    for scene in range(NUM_PROMPTS):
-        for start in range(0, len(samples), batch_size):
-            batch = list(samples[start : start + batch_size])
-            output = pipe(prompt=[[prompts[start + i][scene]] for i in range(len(batch))], generator=_generators(batch, 1 + scene),
-                          output_type="latent", **shapes_model.generation_kwargs())
-            for i, frames in enumerate(_frames(pipe, output.frames, 1)):
-                scenes[start + i].append(frames[0])
+    prompts, scenes = generate_separate(pipe, samples, batch_size)
     return {"prompts": prompts, "samples": _score(scenes, prompts, [np.concatenate(s) for s in scenes])}
 
 
 def run_mask2dit(pipe, samples: Sequence[int], batch_size: int) -> Dict[str, Any]:
     """The 3 scenes of a sample generated together with the v2 mask (the ablation's ``shipped`` seeds)."""
-    prompts, scenes = [], []
-    for batch in _batches(samples, batch_size):
-        batch_prompts = [held_out_prompts(s, NUM_PROMPTS) for s in batch]
-        output = pipe(prompt=batch_prompts, generator=_generators(batch, 0), output_type="latent",
-                      attention_kwargs={"scene_mask": "v2"}, **shapes_model.generation_kwargs())
-        prompts += batch_prompts
-        scenes += _frames(pipe, output.frames, NUM_PROMPTS)
+    prompts, scenes, _ = generate_multiscene(pipe, "v2", samples, batch_size)
     return {"prompts": prompts, "samples": _score(scenes, prompts, [np.concatenate(s) for s in scenes])}
 
 

@@ -95,12 +95,10 @@ def sheet_threshold(run: Run, threshold: float) -> None:
     name = name_of(threshold)
     pipe = shapes_model.load_pipeline()
     pipe.transformer = Mask2DiTTransformer3DModel.from_pretrained(run.path("train", name, "transformer"))
-    samples = list(range(SHEET_SAMPLES))
-    prompts = [ablation.held_out_prompts(sample, 3) for sample in samples]
-    output = pipe(prompt=prompts, generator=ablation._generators(samples, 0), output_type="latent",
-                  attention_kwargs={"scene_mask": "v2"}, **shapes_model.generation_kwargs())
-    scenes = [scene for video in ablation._frames(pipe, output.frames, 3) for scene in video]
-    labels = [f"{sample + 1}.{scene + 1}: {prompt}" for sample in samples for scene, prompt in enumerate(prompts[sample])]
+    prompts, videos, _ = ablation.generate_multiscene(pipe, "v2", range(SHEET_SAMPLES), SHEET_SAMPLES)
+    scenes = [scene for video in videos for scene in video]
+    labels = [f"{sample + 1}.{scene + 1}: {prompt}" for sample, scene_prompts in enumerate(prompts)
+              for scene, prompt in enumerate(scene_prompts)]
     os.makedirs(run.path("sheets"), exist_ok=True)
     contact_sheet(scenes, run.path("sheets", f"{name}.png"), labels=labels)
 
